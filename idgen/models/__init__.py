@@ -1,0 +1,6 @@
+"""Stable Diffusion loading, the tiny preset and the null-text domain UNet."""
+
+from idgen.models.loading import SDLoadError, load_sd, missing_parts
+from idgen.models.tiny import build_tiny_sd
+
+__all__ = ["SDLoadError", "build_tiny_sd", "load_sd", "missing_parts"]

@@ -1,0 +1,111 @@
+"""Load Stable Diffusion 1.5 (or any SD1.5-family checkpoint) as a diffusers pipeline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+# What a diffusers folder in SD1.5 layout must hold for idgen to use it.
+REQUIRED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_HOW_TO_GET = (
+    "Download SD1.5 in diffusers layout on a machine with internet, e.g. "
+    "`hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir <folder> "
+    '--exclude "*.ckpt" "safety_checker/*"`, then copy the folder here and pass its path '
+    "(model.pretrained=<folder>)."
+)
+
+
+class SDLoadError(FileNotFoundError):
+    """A Stable Diffusion folder or hub id could not be loaded."""
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _looks_like_path(path_or_id: str) -> bool:
+    p = str(path_or_id)
+    return (
+        p.startswith(("/", ".", "~"))
+        or os.sep in p.rstrip(os.sep).split("/", 1)[-1]
+        or p.count("/") != 1
+        or Path(p).exists()
+    )
+
+
+def missing_parts(folder: str | Path) -> list[str]:
+    """What a diffusers SD1.5 folder lacks; an empty list means it looks complete."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return ["the folder itself"]
+    missing = []
+    if not (folder / "model_index.json").is_file():
+        missing.append("model_index.json")
+    for name in REQUIRED_COMPONENTS:
+        sub = folder / name
+        if not sub.is_dir():
+            missing.append(f"{name}/")
+            continue
+        if name == "tokenizer":
+            if not (sub / "vocab.json").is_file() and not (sub / "tokenizer.json").is_file():
+                missing.append(f"{name}/vocab.json")
+        elif name == "scheduler":
+            if not (sub / "scheduler_config.json").is_file():
+                missing.append(f"{name}/scheduler_config.json")
+        else:
+            if not (sub / "config.json").is_file():
+                missing.append(f"{name}/config.json")
+            if not any(f.name.endswith(_WEIGHT_SUFFIXES) for f in sub.iterdir()):
+                missing.append(f"{name}/ weights (*.safetensors or *.bin)")
+    return missing
+
+
+def load_sd(
+    pretrained: str | os.PathLike,
+    torch_dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    variant: str | None = None,
+    local_files_only: bool | None = None,
+) -> StableDiffusionPipeline:
+    """Load an SD1.5-layout ``StableDiffusionPipeline`` from a local folder or a hub id.
+
+    The safety checker is not loaded. Offline (``HF_HUB_OFFLINE=1``) a missing or incomplete
+    folder raises ``SDLoadError`` naming the path, what is missing and how to get the weights.
+    """
+    if isinstance(torch_dtype, str):
+        torch_dtype = getattr(torch, torch_dtype)
+    source = os.path.expanduser(str(pretrained))
+    is_local = Path(source).exists() or _looks_like_path(source)
+    if is_local:
+        missing = missing_parts(source)
+        if missing:
+            raise SDLoadError(
+                f"Stable Diffusion folder '{source}' is not usable: missing {', '.join(missing)}. "
+                + _HOW_TO_GET
+            )
+        local_files_only = True
+    elif local_files_only is None:
+        local_files_only = _offline()
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source,
+            torch_dtype=torch_dtype,
+            variant=variant,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            local_files_only=local_files_only,
+        )
+    except (OSError, ValueError) as err:
+        where = "the local cache (offline)" if local_files_only else "the hub"
+        raise SDLoadError(
+            f"Could not load Stable Diffusion '{source}' from {where}: {err}. " + _HOW_TO_GET
+        ) from err
+    pipe.set_progress_bar_config(disable=True)
+    if device is not None:
+        pipe.to(device)
+    return pipe

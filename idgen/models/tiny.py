@@ -1,0 +1,90 @@
+"""A tiny Stable Diffusion 1.5 look-alike with random weights, for tests and the CPU demo."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from idgen.models.tokenizer import build_tiny_clip_tokenizer
+
+# SD1.5's scheduler_config.json, verbatim in the fields that matter for training and sampling.
+SD15_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+
+def build_tiny_sd(
+    seed: int = 0,
+    cross_attention_dim: int = 32,
+    torch_dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> StableDiffusionPipeline:
+    """Build a ``StableDiffusionPipeline`` with tiny random weights in SD1.5 geometry.
+
+    Same component types and layout as SD1.5 (4-level VAE with a factor-8 latent, four
+    UNet levels with cross-attention in the first three, CLIP text encoder and tokenizer,
+    SD1.5 scheduler settings), deterministic for ``seed`` and built without any download.
+    """
+    tokenizer = build_tiny_clip_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=cross_attention_dim,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(16, 16, 32, 32),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=64,
+            scaling_factor=0.18215,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=cross_attention_dim,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                projection_dim=cross_attention_dim,
+            )
+        )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if torch_dtype is not None or device is not None:
+        pipe.to(device=device, dtype=torch_dtype)
+    return pipe
