@@ -1,0 +1,55 @@
+"""Atomic writes: a file is either absent, the old version, or complete — never half-written."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temp file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def save_image_atomic(
+    image: Image.Image, path: str | os.PathLike, text: dict[str, str] | None = None
+) -> Path:
+    """Save a PNG atomically; ``text`` goes into PNG tEXt chunks (prompt, seed, weights...)."""
+    info = None
+    if text:
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_text(str(key), str(value))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return atomic_write_bytes(path, buf.getvalue())
