@@ -1,0 +1,75 @@
+"""Image folders for evaluation: listing, loading as uint8 tensors, PNG text chunks."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+try:  # the project's robust loader (alpha, 16-bit, CMYK, EXIF rotation, clear errors)
+    from idgen.data.images import DEFAULT_EXTENSIONS, list_image_files, load_rgb
+except ImportError:  # pragma: no cover - only while idgen.data is not installed
+    DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+    def load_rgb(path: str | os.PathLike) -> Image.Image:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+
+    def list_image_files(root: str | os.PathLike, extensions: Sequence[str]) -> list[Path]:
+        exts = {e.lower() for e in extensions}
+        files = [p for p in Path(root).rglob("*") if p.suffix.lower() in exts]
+        return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+class ImageFolderError(FileNotFoundError):
+    """An evaluation image folder is missing, empty or holds an unreadable file."""
+
+
+def list_images(folder: str | os.PathLike, what: str = "image folder") -> list[Path]:
+    """Sorted image files under ``folder``; a clear error when there is none."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise ImageFolderError(f"{what} '{folder}' does not exist or is not a folder.")
+    files = list_image_files(folder, DEFAULT_EXTENSIONS)
+    if not files:
+        raise ImageFolderError(
+            f"{what} '{folder}' holds no images (looked for {', '.join(DEFAULT_EXTENSIONS)})."
+        )
+    return files
+
+
+def load_uint8(path: str | os.PathLike, resolution: int | None = None) -> torch.Tensor:
+    """Read ``path`` as a [3, H, W] uint8 RGB tensor, resized to ``resolution``^2 if given.
+
+    Resizing is bicubic without cropping (the paper resizes FFHQ to 512 without a crop).
+    """
+    try:
+        image = load_rgb(path)
+    except Exception as err:
+        raise ImageFolderError(f"cannot read image '{path}': {err}. Remove or replace it.") from err
+    if resolution is not None and image.size != (resolution, resolution):
+        image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def load_batch(paths: Sequence[Path], resolution: int | None = None) -> torch.Tensor:
+    """Stack images into [B, 3, H, W] uint8; sizes must agree unless ``resolution`` is set."""
+    images = [load_uint8(p, resolution) for p in paths]
+    sizes = {tuple(im.shape) for im in images}
+    if len(sizes) > 1:
+        raise ImageFolderError(
+            f"images have different sizes {sorted(sizes)} (e.g. '{paths[0]}'); "
+            "set metrics.resolution=<int> to resize them all."
+        )
+    return torch.stack(images)
+
+
+def png_text(path: str | os.PathLike) -> dict[str, str]:
+    """The text chunks of a PNG (prompt, seed, weights written by idgen-sample); {} otherwise."""
+    with Image.open(path) as image:
+        return {str(k): str(v) for k, v in getattr(image, "text", {}).items()}
