@@ -52,7 +52,7 @@ def missing_parts(folder: str | Path) -> list[str]:
             continue
         if name == "tokenizer":
             if not (sub / "vocab.json").is_file() and not (sub / "tokenizer.json").is_file():
-                missing.append(f"{name}/vocab.json")
+                missing.append(f"{name}/vocab.json (or tokenizer.json)")
         elif name == "scheduler":
             if not (sub / "scheduler_config.json").is_file():
                 missing.append(f"{name}/scheduler_config.json")

@@ -1,0 +1,218 @@
+"""Unlabeled domain image folders as a LightningDataModule."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from idgen.data.images import DEFAULT_EXTENSIONS, check_images, list_image_files, load_rgb
+from idgen.data.transforms import build_image_transform
+from idgen.utils.io import atomic_write_text
+
+
+class SkippedImagesWarning(UserWarning):
+    """Some files in a domain folder were not usable and were skipped."""
+
+
+class DomainImageDataset(Dataset):
+    """Images of one domain, returned as ``{"pixel_values": [3,H,W] in [-1,1], "index": i}``."""
+
+    def __init__(self, files: Sequence[Path], transform) -> None:
+        self.files = list(files)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        image = load_rgb(self.files[index])
+        return {"pixel_values": self.transform(image), "index": index}
+
+
+class DomainImageDataModule(L.LightningDataModule):
+    """A recursive folder of unlabeled images of one domain.
+
+    Unusable files (corrupt, truncated, empty, not images, unreadable, or below ``min_size`` with
+    ``small_images="skip"``) are skipped with one warning that counts them and names the first
+    few. The file order is deterministic; the files used are written to ``manifest_path``.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        resolution: int = 512,
+        batch_size: int = 4,
+        num_workers: int = 0,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        max_images: int | None = None,
+        extensions: Sequence[str] = DEFAULT_EXTENSIONS,
+        min_size: int = 0,
+        small_images: str = "upscale",
+        val_fraction: float = 0.0,
+        seed: int = 0,
+        manifest_path: str | None = None,
+        scan_cache_dir: str | None = None,
+        drop_last: bool = True,
+        persistent_workers: bool = False,
+    ) -> None:
+        super().__init__()
+        if small_images not in ("upscale", "skip"):
+            raise ValueError(f"data.small_images must be 'upscale' or 'skip', got {small_images!r}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        self.root = os.path.expanduser(str(root))
+        self.resolution = resolution
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.max_images = max_images
+        self.extensions = tuple(extensions)
+        self.min_size = min_size
+        self.small_images = small_images
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.manifest_path = manifest_path
+        self.scan_cache_dir = scan_cache_dir
+        self.drop_last = drop_last
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.train_files: list[Path] = []
+        self.val_files: list[Path] = []
+        self.skipped: list[tuple[Path, str]] = []
+
+    # --- scanning ---------------------------------------------------------------------------
+    def _scan_key(self, candidates: list[Path]) -> str:
+        h = hashlib.sha256()
+        h.update(f"{self.min_size}|{self.small_images}".encode())
+        for path in candidates:
+            st = path.stat()
+            h.update(
+                f"{path.relative_to(self.root).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n".encode()
+            )
+        return h.hexdigest()[:24]
+
+    def scan(self) -> list[Path]:
+        """All usable files under ``root`` in sorted order (cached when ``scan_cache_dir`` is set)."""
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(
+                f"Domain image folder '{self.root}' does not exist: set data.root to a folder of images."
+            )
+        candidates = list_image_files(self.root, self.extensions)
+        if not candidates:
+            raise FileNotFoundError(
+                f"Domain image folder '{self.root}' holds no files with extensions "
+                f"{', '.join(self.extensions)}: put images there or change data.extensions."
+            )
+        cache_file = None
+        if self.scan_cache_dir:
+            cache_file = Path(self.scan_cache_dir) / f"scan-{self._scan_key(candidates)}.json"
+            if cache_file.is_file():
+                cached = json.loads(cache_file.read_text())
+                self.skipped = [(Path(self.root) / p, why) for p, why in cached["skipped"]]
+                self._warn_skipped()
+                return [Path(self.root) / p for p in cached["good"]]
+        good, self.skipped = check_images(
+            candidates, min_size=self.min_size, skip_small=self.small_images == "skip"
+        )
+        self._warn_skipped()
+        if not good:
+            reasons = "; ".join(why for _, why in self.skipped[:3])
+            raise ValueError(
+                f"Domain image folder '{self.root}' has {len(candidates)} candidate files but none is "
+                f"usable ({reasons}). Check the files or data.min_size / data.small_images."
+            )
+        if cache_file is not None:
+            rel = lambda p: p.relative_to(self.root).as_posix()  # noqa: E731
+            atomic_write_text(
+                cache_file,
+                json.dumps(
+                    {
+                        "good": [rel(p) for p in good],
+                        "skipped": [(rel(p), w) for p, w in self.skipped],
+                    }
+                ),
+            )
+        return good
+
+    def _warn_skipped(self) -> None:
+        if not self.skipped:
+            return
+        first = ", ".join(p.name for p, _ in self.skipped[:5])
+        more = "" if len(self.skipped) <= 5 else f" and {len(self.skipped) - 5} more"
+        warnings.warn(
+            f"Skipped {len(self.skipped)} unusable file(s) in '{self.root}': {first}{more} "
+            f"(first reason: {self.skipped[0][1]})",
+            SkippedImagesWarning,
+            stacklevel=3,
+        )
+
+    # --- Lightning hooks --------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_files:
+            return
+        files = self.scan()
+        generator = torch.Generator().manual_seed(self.seed)
+        if self.max_images is not None and len(files) > self.max_images:
+            # A seeded random subset (kept in folder order) rather than the first N files,
+            # which are often one class or one source in real folders.
+            keep = torch.randperm(len(files), generator=generator)[: self.max_images]
+            files = [files[i] for i in sorted(keep.tolist())]
+        n_val = int(round(len(files) * self.val_fraction))
+        if n_val:
+            val_idx = set(torch.randperm(len(files), generator=generator)[:n_val].tolist())
+            self.val_files = [f for i, f in enumerate(files) if i in val_idx]
+            files = [f for i, f in enumerate(files) if i not in val_idx]
+        self.train_files = files
+        if self.manifest_path:
+            self.write_manifest(self.manifest_path)
+
+    def write_manifest(self, path: str | os.PathLike) -> None:
+        """Write the files used (train, then val) relative to ``root``, one per line."""
+        lines = [
+            f"# root: {self.root}",
+            f"# train: {len(self.train_files)} val: {len(self.val_files)}",
+        ]
+        lines += [f"train\t{p.relative_to(self.root).as_posix()}" for p in self.train_files]
+        lines += [f"val\t{p.relative_to(self.root).as_posix()}" for p in self.val_files]
+        atomic_write_text(path, "\n".join(lines) + "\n")
+
+    @property
+    def train_dataset(self) -> DomainImageDataset:
+        transform = build_image_transform(self.resolution, self.center_crop, self.random_flip)
+        return DomainImageDataset(self.train_files, transform)
+
+    @property
+    def val_dataset(self) -> DomainImageDataset:
+        return DomainImageDataset(
+            self.val_files, build_image_transform(self.resolution, True, False)
+        )
+
+    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
+        batch_size = min(self.batch_size, len(dataset)) if drop_last else self.batch_size
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            drop_last=drop_last,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if not self.train_files:
+            self.setup("fit")
+        return self._loader(self.train_dataset, shuffle=True, drop_last=self.drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, shuffle=False, drop_last=False)
