@@ -1,0 +1,6 @@
+"""InDomainPipeline: the guidance-decoupled multi-guidance sampler (a diffusers pipeline)."""
+
+from idgen.guidance import GuidanceTerm
+from idgen.pipelines.in_domain import InDomainPipeline, InDomainPipelineOutput, make_scheduler
+
+__all__ = ["GuidanceTerm", "InDomainPipeline", "InDomainPipelineOutput", "make_scheduler"]
