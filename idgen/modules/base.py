@@ -1,0 +1,151 @@
+"""Shared plumbing of idgen's diffusion training modules.
+
+Frozen Stable Diffusion parts are loaded lazily in ``setup()`` from a loader partial, kept in
+eval mode, and never written to checkpoints; noise and timesteps come from a per-rank CPU
+generator whose state is checkpointed with the global RNG states, so a resumed run continues
+exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+
+from idgen.modules.diffusion_loss import denoising_loss
+from idgen.modules.sd_parts import encode_images
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., Any]
+
+
+def capture_rng_states() -> dict[str, Any]:
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate((states["python_version"], tuple(states["python"]), states["python_gauss"]))
+    np.random.set_state(("MT19937", states["numpy"].numpy().astype(np.uint32), states["numpy_pos"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class DiffusionTrainingModule(L.LightningModule):
+    """Base class: frozen-part bookkeeping, the denoising loss, checkpoint filtering."""
+
+    #: attribute names of frozen submodules (never trained, never checkpointed)
+    frozen_names: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        model_loader: Callable[[], Any],
+        optimizer: OptimizerFactory,
+        lr_scheduler: SchedulerFactory | None = None,
+        noise_offset: float = 0.0,
+        snr_gamma: float | None = None,
+        seed: int = 0,
+        base_model: str = "unknown",
+    ) -> None:
+        super().__init__()
+        self.model_loader = model_loader
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.noise_offset = noise_offset
+        self.snr_gamma = snr_gamma
+        self.seed = seed
+        self.base_model = base_model
+        self.noise_generator: torch.Generator | None = None
+        self.prediction_type = "epsilon"
+        self.scheduler_config: dict = {}
+        # frozen weights are not in checkpoints, so loading must tolerate their absence
+        self.strict_loading = False
+
+    # --- setup helpers ----------------------------------------------------------------------
+    def _setup_noise(self, pipe: Any) -> None:
+        self.scheduler_config = dict(pipe.scheduler.config)
+        noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
+        self.prediction_type = noise_scheduler.config.prediction_type
+        self.register_buffer(
+            "alphas_cumprod", noise_scheduler.alphas_cumprod.float().clone(), persistent=False
+        )
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        self.noise_generator = torch.Generator().manual_seed(self.seed + 1000 * rank)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for name in self.frozen_names:
+            module = getattr(self, name, None)
+            if module is not None:
+                module.eval()
+        return self
+
+    # --- loss -------------------------------------------------------------------------------
+    def latents_from_batch(self, batch: dict) -> torch.Tensor:
+        return encode_images(self.vae, batch["pixel_values"].to(self.device))
+
+    def loss_for(self, predict, latents: torch.Tensor) -> torch.Tensor:
+        return denoising_loss(
+            predict,
+            latents,
+            self.alphas_cumprod,
+            self.prediction_type,
+            generator=self.noise_generator,
+            noise_offset=self.noise_offset,
+            snr_gamma=self.snr_gamma,
+        )
+
+    # --- optimisation -----------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        raise NotImplementedError
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        return self.optimizer_factory(params=params)
+
+    def configure_optimizers(self):
+        optimizer = self.make_optimizer(self.trainable_parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        frozen = tuple(f"{n}." for n in self.frozen_names)
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(frozen)]:
+            del state[key]
+        checkpoint["rng_states"] = capture_rng_states()
+        if self.noise_generator is not None:
+            checkpoint["noise_generator"] = self.noise_generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_states" in checkpoint:
+            restore_rng_states(checkpoint["rng_states"])
+        if "noise_generator" in checkpoint and self.noise_generator is not None:
+            rank = self.trainer.global_rank if self._trainer is not None else 0
+            if rank == 0:
+                self.noise_generator.set_state(checkpoint["noise_generator"])
+            else:
+                # Only rank 0's stream is in the checkpoint; other ranks get a fresh stream
+                # that still differs per rank and per resume point.
+                step = int(checkpoint.get("global_step", 0))
+                self.noise_generator.manual_seed(self.seed + 1000 * rank + 7919 * step)

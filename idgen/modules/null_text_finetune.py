@@ -1,0 +1,293 @@
+"""Stage 2: fine-tune the whole null-text domain UNet on domain images (paper §3.3)."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch import nn
+
+from idgen.models.null_text_unet import NullTextUNet
+from idgen.modules.base import DiffusionTrainingModule, OptimizerFactory, SchedulerFactory
+from idgen.modules.ema import EMA
+from idgen.modules.export import export_domain_model
+from idgen.modules.sampling import make_grid, sample_domain_model, to_pil
+from idgen.modules.sd_parts import (
+    encode_images,
+    encode_prompt,
+    freeze,
+    load_text_features,
+    parse_dtype,
+)
+from idgen.utils.io import save_image_atomic
+
+
+class NullTextFinetuneModule(DiffusionTrainingModule):
+    """Fine-tune a :class:`NullTextUNet` built in ``setup()`` from the SD UNet and ``F^T``.
+
+    ``text_features``: a stage-1 ``text_features.safetensors`` (or a folder holding one); when
+    ``None`` the prompt is encoded afresh. ``init="calibrated"`` computes ``E`` from the first
+    ``calibration_batches`` training batches. EMA weights (``ema_decay``) are used for validation
+    grids and export. Only the null-text UNet, EMA, optimizer/scheduler state and RNG states are
+    checkpointed.
+    """
+
+    frozen_names = ("vae",)
+
+    def __init__(
+        self,
+        model_loader: Callable[[], Any],
+        optimizer: OptimizerFactory,
+        lr_scheduler: SchedulerFactory | None = None,
+        text_features: str | None = None,
+        domain: str = "domain",
+        prompt_template: str = "a photo of {domain}",
+        init: str = "value",
+        calibration_batches: int = 4,
+        train_embeddings: bool = True,
+        ema_decay: float | None = 0.9999,
+        ema_warmup: bool = True,
+        use_8bit_adam: bool = False,
+        gradient_checkpointing: bool = False,
+        vae_dtype: str = "float32",
+        noise_offset: float = 0.0,
+        snr_gamma: float | None = None,
+        val_every_n_steps: int | None = None,
+        val_num_images: int = 4,
+        val_num_inference_steps: int = 20,
+        val_seed: int = 0,
+        output_dir: str | None = None,
+        export_on_fit_end: bool = True,
+        export_dir_name: str = "domain_model",
+        seed: int = 0,
+        base_model: str = "unknown",
+    ) -> None:
+        super().__init__(
+            model_loader, optimizer, lr_scheduler, noise_offset, snr_gamma, seed, base_model
+        )
+        if init not in ("value", "calibrated"):
+            raise ValueError(f"module.init={init!r}: use 'value' or 'calibrated'.")
+        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"module.ema_decay={ema_decay} must be in [0, 1) or null.")
+        self.vae_dtype = parse_dtype(vae_dtype, "module.vae_dtype")
+        if self.vae_dtype == torch.float16:
+            raise ValueError(
+                "module.vae_dtype=float16 makes the SD VAE produce NaNs; use float32 or bfloat16."
+            )
+        if use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+            raise ImportError(
+                "module.use_8bit_adam=true needs bitsandbytes (pip install bitsandbytes, CUDA "
+                "only); set module.use_8bit_adam=false to use torch AdamW."
+            )
+        self.save_hyperparameters(ignore=["model_loader", "optimizer", "lr_scheduler"])
+        self.text_features_path = text_features
+        self.prompt = prompt_template.format(domain=domain)
+        self.init = init
+        self.calibration_batches = calibration_batches
+        self.train_embeddings = train_embeddings
+        self.ema_decay = ema_decay
+        self.ema_warmup = ema_warmup
+        self.use_8bit_adam = use_8bit_adam
+        self.gradient_checkpointing = gradient_checkpointing
+        self.val_every_n_steps = val_every_n_steps
+        self.val_num_images = val_num_images
+        self.val_num_inference_steps = val_num_inference_steps
+        self.val_seed = val_seed
+        self.output_dir = output_dir
+        self.export_on_fit_end = export_on_fit_end
+        self.export_dir_name = export_dir_name
+        self.domain_unet: NullTextUNet | None = None
+        self.text_features: torch.Tensor | None = None
+        self.ema: EMA | None = None
+        self._pending_ema: dict | None = None
+        self._last_ema_step = -1
+        self.export_path: Path | None = None
+
+    # --- setup ------------------------------------------------------------------------------
+    def _calibration_latents(self) -> torch.Tensor:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is None:
+            raise ValueError(
+                "module.init='calibrated' needs the training images: fit with a datamodule, "
+                "or use module.init='value'."
+            )
+        latents = []
+        for i, batch in enumerate(datamodule.train_dataloader()):
+            if i >= self.calibration_batches:
+                break
+            latents.append(encode_images(self.vae, batch["pixel_values"]))
+        return torch.cat(latents)
+
+    def setup(self, stage: str) -> None:
+        if self.domain_unet is not None:
+            return
+        pipe = self.model_loader()
+        self.vae = freeze(pipe.vae.to(self.vae_dtype))
+        self._setup_noise(pipe)
+
+        # 1. F^T: the stage-1 result, or the prompt's features when there is none.
+        if self.text_features_path is not None:
+            features = load_text_features(self.text_features_path)
+        else:
+            features = encode_prompt(pipe.tokenizer, pipe.text_encoder, self.prompt)
+        self.text_features = features.float().cpu()
+
+        # 2. The null-text UNet, copied from the SD UNet (which is dropped afterwards).
+        calibration = self._calibration_latents() if self.init == "calibrated" else None
+        generator = torch.Generator().manual_seed(self.seed)
+        self.domain_unet = NullTextUNet.from_unet(
+            pipe.unet,
+            features,
+            init=self.init,
+            calibration_latents=calibration,
+            generator=generator,
+        ).float()
+        self.domain_unet.set_embeddings_trainable(self.train_embeddings)
+        if self.gradient_checkpointing:
+            self.domain_unet.enable_gradient_checkpointing()
+        self.domain_unet.train()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.domain_unet.parameters() if p.requires_grad]
+
+    def make_optimizer(self, params) -> torch.optim.Optimizer:
+        if self.use_8bit_adam:
+            import bitsandbytes as bnb
+
+            optimizer = self.optimizer_factory(params=params)
+            defaults = {
+                k: v
+                for k, v in optimizer.defaults.items()
+                if k in ("lr", "betas", "eps", "weight_decay")
+            }
+            return bnb.optim.AdamW8bit(params, **defaults)
+        return self.optimizer_factory(params=params)
+
+    # --- EMA --------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        # created here (after DDP has broadcast rank 0's weights) so every rank's EMA agrees
+        if self.ema_decay is not None and self.ema is None:
+            self.ema = EMA(self.domain_unet, self.ema_decay, self.ema_warmup)
+            if self._pending_ema is not None:
+                self.ema.load_state_dict(self._pending_ema)
+                self._pending_ema = None
+        self._last_ema_step = self.global_step
+
+    def export_weights_context(self):
+        """Context manager with the EMA weights swapped in (or a no-op without EMA)."""
+        from contextlib import nullcontext
+
+        return self.ema.swapped_in(self.domain_unet) if self.ema is not None else nullcontext()
+
+    # --- training ---------------------------------------------------------------------------
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return self.domain_unet(sample, timestep).sample
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        latents = self.latents_from_batch(batch)
+        loss = self.loss_for(self.forward, latents)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=latents.shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = self.global_step
+        if step == self._last_ema_step:  # no optimizer step this batch (accumulation)
+            return
+        self._last_ema_step = step
+        if self.ema is not None:
+            self.ema.update(self.domain_unet)
+        if self.val_every_n_steps and step % self.val_every_n_steps == 0:
+            self.validation_grid(step)
+
+    # --- validation grid --------------------------------------------------------------------
+    def resolve_output_dir(self) -> Path:
+        if self.output_dir is not None:
+            return Path(self.output_dir)
+        return Path(self.trainer.default_root_dir)
+
+    def sample_grid(self) -> torch.Tensor:
+        was_training = self.domain_unet.training
+        self.domain_unet.eval()
+        try:
+            with self.export_weights_context():
+                images = sample_domain_model(
+                    self.domain_unet,
+                    self.vae,
+                    self.scheduler_config,
+                    num_images=self.val_num_images,
+                    num_inference_steps=self.val_num_inference_steps,
+                    seed=self.val_seed,
+                )
+        finally:
+            self.domain_unet.train(was_training)
+        return make_grid(images)
+
+    def validation_grid(self, step: int) -> Path | None:
+        """Sample the fixed-seed grid on every rank (no rank waits alone), save it on rank 0."""
+        grid = self.sample_grid()
+        return self._save_grid(grid, step)
+
+    @rank_zero_only
+    def _save_grid(self, grid: torch.Tensor, step: int) -> Path:
+        image = to_pil(grid)
+        path = self.resolve_output_dir() / "validation" / f"step_{step:07d}.png"
+        save_image_atomic(image, path, {"step": str(step), "seed": str(self.val_seed)})
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="validation/grid", images=[image], step=step)
+        return path
+
+    # --- export -----------------------------------------------------------------------------
+    def metadata(self) -> dict[str, object]:
+        return {
+            "prompt": self.prompt,
+            "base_model": self.base_model,
+            "steps": int(self.global_step),
+            "init": self.init,
+            "prediction_type": self.prediction_type,
+            "text_features_source": str(self.text_features_path or "encoded prompt"),
+        }
+
+    def export(self, out_dir: str | Path, use_ema: bool = True) -> Path:
+        meta = self.metadata() | {"weights": "ema" if use_ema and self.ema else "raw"}
+        if use_ema:
+            with self.export_weights_context():
+                return export_domain_model(self.domain_unet, out_dir, self.text_features, meta)
+        return export_domain_model(self.domain_unet, out_dir, self.text_features, meta)
+
+    def on_fit_end(self) -> None:
+        if self.export_on_fit_end:
+            self.export_path = self.resolve_output_dir() / self.export_dir_name
+            self._export_rank_zero()
+
+    @rank_zero_only
+    def _export_rank_zero(self) -> None:
+        self.export(self.export_path)
+        rank_zero_info(f"domain model exported to {self.export_path}")
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["ema"] = self.ema.state_dict() if self.ema is not None else None
+        checkpoint["null_text_unet_config"] = {
+            "unet_config": dict(self.domain_unet.config.unet_config),
+            "init": self.domain_unet.config.init,
+        }
+        checkpoint["text_features"] = self.text_features
+        checkpoint["idgen_metadata"] = self.metadata()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if checkpoint.get("ema") is not None:
+            if self.ema is not None:
+                self.ema.load_state_dict(checkpoint["ema"])
+            else:
+                self._pending_ema = checkpoint["ema"]
+        if checkpoint.get("text_features") is not None:
+            self.text_features = checkpoint["text_features"]
