@@ -1,0 +1,185 @@
+"""Evaluate a folder of samples: FID/KID, CLIP score, attribute alignment, canny discrepancy.
+
+Plain functions over folders and objects (no Hydra), so ``idgen.evaluate`` stays a thin
+entry point and notebooks can call the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from idgen.metrics.canny import canny_discrepancy
+from idgen.metrics.clip import Attribute, attribute_alignment, clip_loader, clip_score, load_clip
+from idgen.metrics.fidelity import fid_kid
+from idgen.metrics.images import ImageFolderError, list_images, load_uint8, png_text
+
+log = logging.getLogger(__name__)
+
+SAMPLES_INDEX = "samples.jsonl"  # idgen-sample's index: one JSON object per image
+
+
+def _index_prompts(samples_dir: Path) -> dict[str, str]:
+    """file name -> prompt from samples.jsonl, when idgen-sample wrote one."""
+    index = samples_dir / SAMPLES_INDEX
+    found: dict[str, str] = {}
+    if not index.is_file():
+        return found
+    for line in index.read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        name = row.get("file") or row.get("path") or row.get("image")
+        if name and "prompt" in row:
+            found[Path(name).name] = str(row["prompt"])
+    return found
+
+
+def sample_prompts(samples_dir: str | os.PathLike, paths: Sequence[Path]) -> list[str]:
+    """The prompt of each sample: PNG text chunk ``prompt``, else ``samples.jsonl``; clear error if none."""
+    index = _index_prompts(Path(samples_dir))
+    prompts = []
+    for path in paths:
+        prompt = png_text(path).get("prompt") if path.suffix.lower() == ".png" else None
+        prompt = prompt if prompt is not None else index.get(path.name)
+        if prompt is None:
+            raise ImageFolderError(
+                f"no prompt known for sample '{path}': CLIP metrics need each sample's prompt in a PNG "
+                f"text chunk 'prompt' or in {SAMPLES_INDEX} (idgen-sample writes both)."
+            )
+        prompts.append(prompt)
+    return prompts
+
+
+def match_conditions(
+    sample_paths: Sequence[Path], conditions_dir: str | os.PathLike
+) -> list[tuple[Path, Path]]:
+    """Pair each sample with its control condition.
+
+    A sample's condition is named by its PNG text chunk ``control_image`` (file name looked up
+    in ``conditions_dir``) or, failing that, is the condition with the same file stem.
+    """
+    conditions = list_images(conditions_dir, "canny conditions folder")
+    by_name = {p.name: p for p in conditions}
+    by_stem = {p.stem: p for p in conditions}
+    pairs, missing = [], []
+    for path in sample_paths:
+        named = png_text(path).get("control_image") if path.suffix.lower() == ".png" else None
+        cond = by_name.get(Path(named).name) if named else None
+        cond = cond or by_stem.get(path.stem)
+        if cond is None:
+            missing.append(path.name)
+        else:
+            pairs.append((path, cond))
+    if missing:
+        raise ImageFolderError(
+            f"{len(missing)} samples have no condition in '{conditions_dir}' (e.g. {missing[:3]}): "
+            "name conditions like the samples (same stem) or write a PNG text chunk 'control_image'."
+        )
+    return pairs
+
+
+def canny_metrics(
+    pairs: Sequence[tuple[Path, Path]],
+    low: int = 100,
+    high: int = 200,
+    condition_is_edges: bool = True,
+) -> dict:
+    scores = [
+        canny_discrepancy(
+            load_uint8(s).permute(1, 2, 0).numpy(),
+            load_uint8(c).permute(1, 2, 0).numpy(),
+            low,
+            high,
+            condition_is_edges,
+        )
+        for s, c in pairs
+    ]
+    return {
+        "canny_discrepancy": float(np.mean(scores)),
+        "canny_num_samples": len(scores),
+        "canny_definition": (
+            f"mean over samples of the fraction of pixels where cv2.Canny(gray(sample), {low}, {high}) "
+            "and the condition's edges (condition > 127) disagree; lower is better"
+        ),
+    }
+
+
+def evaluate_folder(
+    samples_dir: str | os.PathLike,
+    reference_dir: str | os.PathLike | None = None,
+    extractor: nn.Module | None = None,
+    fid_options: dict | None = None,
+    clip_model: str | os.PathLike | None = None,
+    attributes: Sequence[Attribute] | None = None,
+    canny_options: dict | None = None,
+    resolution: int | None = None,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+) -> dict:
+    """Every configured metric of the images in ``samples_dir``; counts reported beside scores.
+
+    ``extractor`` (with ``reference_dir``) enables FID/KID, ``clip_model`` CLIP score and, with
+    ``attributes``, attribute alignment; ``canny_options`` (``conditions_dir``, ``low``, ``high``)
+    the canny discrepancy.
+    """
+    paths = list_images(samples_dir, "samples folder")
+    results: dict = {"samples_dir": str(samples_dir), "num_samples": len(paths)}
+
+    # 1. FID / KID against the reference folder (reference features cached)
+    if extractor is not None:
+        if reference_dir is None:
+            raise ValueError("FID/KID need reference_dir=<folder of domain images>.")
+        opts = dict(fid_options or {})
+        results.update(
+            fid_kid(
+                paths,
+                reference_dir,
+                extractor,
+                resolution,
+                cache_dir,
+                batch_size,
+                device,
+                seed=seed,
+                **opts,
+            )
+        )
+
+    # 2. CLIP score of each sample with its own prompt, and attribute alignment
+    if clip_model is not None:
+        prompts = sample_prompts(samples_dir, paths)
+        images = [load_uint8(p, resolution) for p in paths]
+        results["clip_score"] = clip_score(
+            images, prompts, clip_loader(clip_model), batch_size, device
+        )
+        results["clip_num_samples"] = len(images)
+        results["clip_model"] = str(clip_model)
+        if attributes:
+            model, processor = load_clip(clip_model)
+            results.update(
+                attribute_alignment(
+                    images, prompts, attributes, model, processor, batch_size, device
+                )
+            )
+    elif attributes:
+        raise ValueError("attribute alignment needs a CLIP model: set metrics.clip.model.")
+
+    # 3. canny discrepancy against the control conditions
+    if canny_options is not None:
+        opts = dict(canny_options)
+        if not opts.get("conditions_dir"):
+            raise ValueError(
+                "canny discrepancy needs metrics.canny.conditions_dir=<folder of canny conditions>."
+            )
+        pairs = match_conditions(paths, opts.pop("conditions_dir"))
+        results.update(canny_metrics(pairs, **opts))
+    return results
