@@ -206,3 +206,44 @@ def test_demo_datamodule_generates_on_setup(tmp_path):
     dm.setup("fit")
     assert len(dm.train_files) == 12
     assert next(iter(dm.train_dataloader()))["pixel_values"].shape == (4, 3, 64, 64)
+
+
+def test_latent_cache_matches_on_the_fly_encoding(tmp_path, tiny_sd):
+    from idgen.data.latents import latents_from_batch
+
+    root = make_demo_domain(tmp_path / "demo", num_images=6, resolution=64)
+    kw = dict(root=str(root), resolution=64, batch_size=6, random_flip=False)
+    plain = DomainImageDataModule(**kw)
+    cached = DomainImageDataModule(cache_latents=True, latent_cache_dir=str(tmp_path / "lat"), **kw)
+    for dm in (plain, cached):
+        dm.setup("fit")
+        dm.attach_vae(tiny_sd.vae, "tiny-0")
+    assert len(list((tmp_path / "lat").glob("latents-*.safetensors"))) == 1
+    batch_plain = next(iter(plain.train_dataloader()))
+    batch_cached = next(iter(cached.train_dataloader()))
+    assert "pixel_values" in batch_plain and "latent_params" in batch_cached
+    order = batch_plain["index"].argsort()
+    order_c = batch_cached["index"].argsort()
+    with torch.no_grad():
+        z_plain = latents_from_batch(batch_plain, tiny_sd.vae, torch.Generator().manual_seed(0))
+        z_cached = latents_from_batch(batch_cached, tiny_sd.vae, torch.Generator().manual_seed(0))
+    # Same images in a different shuffle order: compare the distribution means per image.
+    mean_plain = tiny_sd.vae.encode(batch_plain["pixel_values"]).latent_dist.mean[order]
+    mean_cached = batch_cached["latent_params"][order_c, :4]
+    torch.testing.assert_close(mean_cached, mean_plain, atol=1e-5, rtol=1e-5)
+    assert z_plain.shape == z_cached.shape == (6, 4, 8, 8)
+
+    # The second run reads the cache instead of encoding.
+    again = DomainImageDataModule(cache_latents=True, latent_cache_dir=str(tmp_path / "lat"), **kw)
+    again.setup("fit")
+    calls = []
+    tiny_sd.vae.encode = lambda *a, **k: calls.append(1)  # would break if called
+    again.attach_vae(tiny_sd.vae, "tiny-0")
+    assert not calls
+
+
+def test_latent_cache_needs_center_crop(tmp_path):
+    with pytest.raises(ValueError, match="center_crop"):
+        DomainImageDataModule(
+            root=str(tmp_path), cache_latents=True, latent_cache_dir="x", center_crop=False
+        )

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from idgen.data.images import DEFAULT_EXTENSIONS, check_images, list_image_files, load_rgb
+from idgen.data.latents import CachedLatentDataset, cache_key, load_or_build_cache
 from idgen.data.transforms import build_image_transform
 from idgen.utils.io import atomic_write_text
 
@@ -63,6 +64,8 @@ class DomainImageDataModule(L.LightningDataModule):
         scan_cache_dir: str | None = None,
         drop_last: bool = True,
         persistent_workers: bool = False,
+        cache_latents: bool = False,
+        latent_cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if small_images not in ("upscale", "skip"):
@@ -85,6 +88,16 @@ class DomainImageDataModule(L.LightningDataModule):
         self.scan_cache_dir = scan_cache_dir
         self.drop_last = drop_last
         self.persistent_workers = persistent_workers and num_workers > 0
+        if cache_latents and not center_crop:
+            raise ValueError(
+                "data.cache_latents=true needs data.center_crop=true (random crops differ every "
+                "epoch, so their latents cannot be cached)"
+            )
+        if cache_latents and not latent_cache_dir:
+            raise ValueError("data.cache_latents=true needs data.latent_cache_dir")
+        self.cache_latents = cache_latents
+        self.latent_cache_dir = latent_cache_dir
+        self._latent_dataset: Dataset | None = None
         self.train_files: list[Path] = []
         self.val_files: list[Path] = []
         self.skipped: list[tuple[Path, str]] = []
@@ -196,6 +209,30 @@ class DomainImageDataModule(L.LightningDataModule):
             self.val_files, build_image_transform(self.resolution, True, False)
         )
 
+    def attach_vae(self, vae, model_id: str) -> None:
+        """Called by training modules in ``setup``: with ``cache_latents``, encode once and reuse.
+
+        Training batches then hold ``latent_params`` instead of ``pixel_values``; use
+        ``idgen.data.latents.latents_from_batch`` to get latents from either.
+        """
+        if not self.cache_latents:
+            return
+        if not self.train_files:
+            self.setup("fit")
+        plain = DomainImageDataset(
+            self.train_files, build_image_transform(self.resolution, True, False)
+        )
+        key = cache_key(self.train_files, self.resolution, model_id, vae)
+        tensors = load_or_build_cache(
+            self.latent_cache_dir,
+            key,
+            plain,
+            vae,
+            with_flips=self.random_flip,
+            batch_size=self.batch_size,
+        )
+        self._latent_dataset = CachedLatentDataset(tensors, random_flip=self.random_flip)
+
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
         batch_size = min(self.batch_size, len(dataset)) if drop_last else self.batch_size
         return DataLoader(
@@ -212,7 +249,8 @@ class DomainImageDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if not self.train_files:
             self.setup("fit")
-        return self._loader(self.train_dataset, shuffle=True, drop_last=self.drop_last)
+        dataset = self._latent_dataset if self._latent_dataset is not None else self.train_dataset
+        return self._loader(dataset, shuffle=True, drop_last=self.drop_last)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, shuffle=False, drop_last=False)
