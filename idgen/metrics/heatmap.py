@@ -45,13 +45,14 @@ def draw_heatmap(
     font = ImageFont.load_default()
     left, top, right, bottom = 90, 40, 20, 50
     rows, cols = len(y_values), len(x_values)
-    width, height = left + cols * cell + right, top + rows * cell + bottom
+    width = max(left + cols * cell + right, 8 + int(font.getlength(title)) + 8)
+    height = top + rows * cell + bottom
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     finite = [v for row in grid for v in row if v is not None and math.isfinite(v)]
     lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
     span = hi - lo or 1.0
-    draw.text((left, 8), title, fill="black", font=font)
+    draw.text((8, 8), title, fill="black", font=font)
     for r in range(rows):
         for c in range(cols):
             v = grid[r][c]
