@@ -11,7 +11,7 @@ OFFLINE := HF_HUB_OFFLINE=1 WANDB_MODE=offline
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,sweeps]'
 	touch $(STAMP)
 
 install: $(STAMP)
