@@ -105,7 +105,7 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
         self.text_features: torch.Tensor | None = None
         self.ema: EMA | None = None
         self._pending_ema: dict | None = None
-        self._last_ema_step = -1
+        self._last_seen_step = -1
         self.export_path: Path | None = None
 
     # --- setup ------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
             if self._pending_ema is not None:
                 self.ema.load_state_dict(self._pending_ema)
                 self._pending_ema = None
-        self._last_ema_step = self.global_step
+        self._last_seen_step = self.global_step
 
     def export_weights_context(self):
         """Context manager with the EMA weights swapped in (or a no-op without EMA)."""
@@ -195,13 +195,18 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=latents.shape[0])
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = self.global_step
-        if step == self._last_ema_step:  # no optimizer step this batch (accumulation)
-            return
-        self._last_ema_step = step
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Updated here rather than in on_train_batch_end, which runs after ModelCheckpoint's
+        # hook: a checkpoint written at step k must hold the EMA of step k.
         if self.ema is not None:
             self.ema.update(self.domain_unet)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = self.global_step
+        if step == self._last_seen_step:  # no optimizer step this batch (accumulation)
+            return
+        self._last_seen_step = step
         if self.val_every_n_steps and step % self.val_every_n_steps == 0:
             self.validation_grid(step)
 

@@ -1,0 +1,254 @@
+"""Table 1 baselines (paper §4.4) as one LightningModule; the trainable part is chosen by config.
+
+``method`` is one of :mod:`idgen.baselines.methods`: vanilla fine-tuning, LoRA, textual
+inversion, Custom Diffusion, OFT. All share one training step: the denoising loss on domain
+latents, conditioned on the template prompt ``"a photo of [V] <domain>"`` (``[V]`` omitted
+when the method learns no token).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch import nn
+
+from idgen.baselines.export import export_baseline
+from idgen.baselines.methods import BaselineMethod
+from idgen.baselines.tokens import (
+    add_placeholder_tokens,
+    expand_placeholder,
+    initial_vectors,
+    splice_tokens,
+    write_vectors,
+)
+from idgen.modules.base import DiffusionTrainingModule, OptimizerFactory, SchedulerFactory
+from idgen.modules.sd_parts import freeze, parse_dtype
+
+
+def template_prompt(template: str, domain: str, token: str | None) -> str:
+    """``"a photo of {token} {domain}"`` with the token, or with it (and its space) omitted."""
+    prompt = template.format(domain=domain, token=token or "")
+    return re.sub(r"\s+", " ", prompt).strip()
+
+
+def count_parameters(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+class BaselineModule(DiffusionTrainingModule):
+    """Train one Table 1 baseline on unlabeled domain images.
+
+    At the end of fit the adaptation is exported to ``output_dir/export_dir_name`` in a form
+    plain diffusers loads (see :func:`idgen.baselines.load_baseline_pipeline`). Checkpoints hold
+    only the trained parameters (and the learned token vectors).
+    """
+
+    frozen_names = ("vae", "text_encoder")
+
+    def __init__(
+        self,
+        model_loader: Callable[[], Any],
+        optimizer: OptimizerFactory,
+        method: BaselineMethod,
+        lr_scheduler: SchedulerFactory | None = None,
+        domain: str = "domain",
+        prompt_template: str = "a photo of {token} {domain}",
+        frozen_dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        output_dir: str | None = None,
+        export_on_fit_end: bool = True,
+        export_dir_name: str = "baseline_model",
+        noise_offset: float = 0.0,
+        snr_gamma: float | None = None,
+        seed: int = 0,
+        base_model: str = "unknown",
+    ) -> None:
+        super().__init__(
+            model_loader, optimizer, lr_scheduler, noise_offset, snr_gamma, seed, base_model
+        )
+        for key in ("{domain}", "{token}"):
+            if key not in prompt_template:
+                raise ValueError(
+                    f"module.prompt_template={prompt_template!r} must contain '{key}' "
+                    "(the token is dropped for methods that learn none)."
+                )
+        if not isinstance(method, BaselineMethod):
+            raise TypeError(
+                f"module.method must be an idgen.baselines.methods object, got {type(method)}"
+            )
+        self.save_hyperparameters(ignore=["model_loader", "optimizer", "lr_scheduler", "method"])
+        self.method = method
+        self.domain = domain
+        self.prompt_template = prompt_template
+        self.frozen_dtype = parse_dtype(frozen_dtype, "module.frozen_dtype")
+        if self.frozen_dtype == torch.float16:
+            raise ValueError(
+                "module.frozen_dtype=float16 makes the SD VAE produce NaNs; use float32 or bfloat16."
+            )
+        self.gradient_checkpointing = gradient_checkpointing
+        self.output_dir = output_dir
+        self.export_on_fit_end = export_on_fit_end
+        self.export_dir_name = export_dir_name
+        self.unet: nn.Module | None = None
+        self.token_vectors: nn.Parameter | None = None
+        self.first_token_id: int | None = None
+        self.cached_context: torch.Tensor | None = None
+        self.num_trainable_params = 0
+        self.export_path: Path | None = None
+        self._scheduler = None
+
+    # --- setup ------------------------------------------------------------------------------
+    @property
+    def prompt(self) -> str:
+        """The training prompt as a user writes it (``[V]`` as the single placeholder token)."""
+        return template_prompt(self.prompt_template, self.domain, self.method.token)
+
+    def setup(self, stage: str) -> None:
+        if self.unet is not None:
+            return
+        pipe = self.model_loader()
+        self.vae = freeze(pipe.vae.to(self.frozen_dtype))
+        self.text_encoder = freeze(pipe.text_encoder)
+        self.tokenizer = pipe.tokenizer
+        self._scheduler = pipe.scheduler
+        self._setup_noise(pipe)
+
+        # 1. The UNet: frozen, then the method makes its part trainable (fp32 for training).
+        unet = freeze(pipe.unet).float()
+        self.method.prepare(unet)
+        if self.method.trains_unet:
+            unet.train()
+            if self.gradient_checkpointing:
+                unet.enable_gradient_checkpointing()
+        self.unet = unet
+
+        # 2. The placeholder token [V], if learned: new rows spliced in by a hook.
+        if self.method.token is not None:
+            n = self.method.num_vectors
+            self.first_token_id = add_placeholder_tokens(
+                self.tokenizer, self.text_encoder, self.method.token, n
+            )
+            init = initial_vectors(
+                self.tokenizer, self.text_encoder, self.method.initializer or self.domain, n
+            )
+            self.token_vectors = nn.Parameter(init)
+            splice_tokens(self.text_encoder, self.token_vectors, self.first_token_id)
+        else:
+            # 3. No learned token: the prompt's features never change, encode them once.
+            with torch.no_grad():
+                self.cached_context = self.encode_prompt(self.prompt)
+        self.num_trainable_params = count_parameters(self.trainable_parameters())
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        if self.token_vectors is not None:
+            params.append(self.token_vectors)
+        return params
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.unet is not None and not self.method.trains_unet:
+            self.unet.eval()
+        return self
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        rank_zero_info(
+            f"baseline {self.method.name}: {self.num_trainable_params:,} trainable parameters "
+            f"(prompt: {self.prompt!r})"
+        )
+        for logger in self.loggers:
+            logger.log_hyperparams({"trainable_params": self.num_trainable_params})
+
+    # --- training ---------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """Text features [1, T, D] (gradients reach the learned token vectors only)."""
+        if self.method.token is not None:
+            prompt = expand_placeholder(prompt, self.method.token, self.method.num_vectors)
+        ids = self.tokenizer(
+            [prompt],
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.text_encoder.device)
+        return self.text_encoder(ids)[0].float()
+
+    def context(self) -> torch.Tensor:
+        if self.cached_context is not None:
+            return self.cached_context.to(self.device)
+        return self.encode_prompt(self.prompt)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        latents = self.latents_from_batch(batch)
+        context = self.context()
+
+        def predict(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            cond = context.expand(noisy.shape[0], -1, -1)
+            return self.unet(noisy, t, encoder_hidden_states=cond).sample
+
+        loss = self.loss_for(predict, latents)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=latents.shape[0])
+        return loss
+
+    # --- sampling and export ----------------------------------------------------------------
+    def pipeline(self) -> StableDiffusionPipeline:
+        """A diffusers pipeline over the module's own (trained) components, for sampling."""
+        if self.token_vectors is not None:
+            write_vectors(self.text_encoder, self.token_vectors.detach(), self.first_token_id)
+        pipe = StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=self._scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def metadata(self) -> dict[str, object]:
+        return {
+            "prompt": self.prompt,
+            "domain": self.domain,
+            "base_model": self.base_model,
+            "steps": int(self.global_step) if self._trainer is not None else 0,
+            "trainable_params": self.num_trainable_params,
+        }
+
+    def export(self, out_dir: str | Path) -> Path:
+        vectors = self.token_vectors.detach() if self.token_vectors is not None else None
+        return export_baseline(out_dir, self.method, self.unet, vectors, self.metadata())
+
+    def resolve_output_dir(self) -> Path:
+        if self.output_dir is not None:
+            return Path(self.output_dir)
+        return Path(self.trainer.default_root_dir)
+
+    def on_fit_end(self) -> None:
+        if self.export_on_fit_end:
+            self.export_path = self.resolve_output_dir() / self.export_dir_name
+            self._export_rank_zero()
+
+    @rank_zero_only
+    def _export_rank_zero(self) -> None:
+        self.export(self.export_path)
+        rank_zero_info(f"baseline {self.method.name} exported to {self.export_path}")
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # only what is trained: e.g. LoRA's matrices, not the frozen UNet they sit on
+        trained = {n for n, p in self.named_parameters() if p.requires_grad}
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("unet.") and k not in trained]:
+            del state[key]
+        checkpoint["idgen_metadata"] = self.metadata() | {"method": self.method.name}
