@@ -17,7 +17,8 @@ class GuidanceTerm:
         model: ``None`` uses the pipeline's frozen SD UNet (batched with its other predictions);
             a ``UNet2DConditionModel`` (e.g. a community SD1.5 checkpoint) or a text-free model
             called as ``model(latents, t)`` (e.g. another ``NullTextUNet``) gets its own forward.
-        prompt: text condition (ignored for text-free models); ``prompt_embeds`` overrides it.
+        prompt: text condition (ignored for text-free models); ``prompt_embeds`` overrides it;
+            neither: the pipeline call's own prompt.
         text_encoder: encoder for ``prompt`` if the model has its own (default: the pipeline's).
         weight: a number, or ``"auto"`` for the paper's norm-balanced initial weight.
         start, end: active interval as fractions of the schedule; outside it the term drops out.

@@ -196,10 +196,23 @@ class InDomainPipeline(DiffusionPipeline):
     def _sdedit_latents(self, image, timestep, rows, dtype, device, generator):
         """diffusers' img2img ``prepare_latents``: encode, repeat per image, noise to ``timestep``."""
         image = image.to(device=device, dtype=dtype)
+        if isinstance(generator, list) and image.shape[0] != rows:
+            # One generator per output image: encode one copy per image (as diffusers does).
+            if rows % image.shape[0] != 0:
+                raise ValueError(f"got {image.shape[0]} input images for {rows} outputs")
+            image = torch.cat([image] * (rows // image.shape[0]), dim=0)
         if image.shape[1] == self.vae.config.latent_channels:
             init = image
         else:
-            init = retrieve_latents(self.vae.encode(image), generator=generator)
+            if isinstance(generator, list):
+                init = torch.cat(
+                    [
+                        retrieve_latents(self.vae.encode(image[i : i + 1]), generator=g)
+                        for i, g in enumerate(generator)
+                    ]
+                )
+            else:
+                init = retrieve_latents(self.vae.encode(image), generator=generator)
             init = self.vae.config.scaling_factor * init
         if rows % init.shape[0] != 0:
             raise ValueError(
@@ -225,6 +238,7 @@ class InDomainPipeline(DiffusionPipeline):
 
     def _resolve_terms(
         self,
+        prompt: str | list[str] | None,
         prompt_embeds: torch.Tensor | None,
         w_d: float | None,
         w_c: float | None,
@@ -272,8 +286,15 @@ class InDomainPipeline(DiffusionPipeline):
                     embeds = self._per_image(g.prompt_embeds.to(device), batch, n)
                 elif g.prompt is not None:
                     embeds = self._prompt_embeds(g.prompt, batch, n, device, g.text_encoder)
+                elif g.text_encoder is None:
+                    embeds = prompt_embeds  # no prompt of its own: the call's prompt
+                elif prompt is not None:
+                    embeds = self._prompt_embeds(prompt, batch, n, device, g.text_encoder)
                 else:
-                    raise ValueError(f"GuidanceTerm '{g.name}' needs a prompt or prompt_embeds")
+                    raise ValueError(
+                        f"GuidanceTerm '{g.name}' has its own text_encoder but no prompt; give "
+                        "it a prompt (the call's prompt_embeds come from another encoder)."
+                    )
             term_controls = []
             if g.controlnet is not None:
                 img = self._control_images(g.control_image, height, width, batch, n, device)
@@ -417,6 +438,7 @@ class InDomainPipeline(DiffusionPipeline):
             control_image, controlnet_conditioning_scale, height, width, batch, n, device
         )
         terms = self._resolve_terms(
+            prompt,
             prompt_embeds,
             w_d,
             w_c,

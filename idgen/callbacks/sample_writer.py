@@ -1,0 +1,149 @@
+"""Writes predict-time samples: one PNG per image (parameters in text chunks), an index, grids.
+
+Layout under ``out_dir``::
+
+    samples/p{prompt:04d}_{index:06d}.png   one per image, written atomically
+    samples.jsonl                          one record per finished image, in index order
+    grids/p{prompt:04d}.png                the images of each prompt side by side
+
+A rerun skips images whose PNG exists and carries the same parameter hash, and removes stray
+temp files left by a killed run; nothing finished is rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image
+
+from idgen.modules.sampler_module import image_seed
+from idgen.utils.images import make_grid
+from idgen.utils.io import atomic_write_text, save_image_atomic
+
+log = logging.getLogger(__name__)
+
+PARAMS_KEY = "idgen"  # PNG text chunk holding the JSON record
+HASH_KEY = "idgen_params_hash"
+
+
+class SampleWriter(BasePredictionWriter):
+    """Prediction writer for ``SamplerModule``: PNGs with metadata, ``samples.jsonl``, grids."""
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        prompts: list[str],
+        images_per_prompt: int,
+        params: dict[str, Any],
+        params_hash: str,
+        seed: int = 0,
+        images_subdir: str = "samples",
+        grids: bool = True,
+    ):
+        super().__init__(write_interval="batch")
+        self.out_dir = Path(out_dir)
+        self.images_dir = self.out_dir / images_subdir
+        self.prompts = prompts
+        self.images_per_prompt = images_per_prompt
+        self.params = params
+        self.params_hash = params_hash
+        self.seed = seed
+        self.grids = grids
+
+    # ----------------------------------------------------------------------------- paths
+
+    def path_for(self, index: int) -> Path:
+        p = index // self.images_per_prompt
+        return self.images_dir / f"p{p:04d}_{index:06d}.png"
+
+    def is_done(self, index: int) -> bool:
+        """A finished image: the PNG exists (atomic writes: never partial) with our parameters."""
+        path = self.path_for(index)
+        if not path.is_file():
+            return False
+        expected = {
+            HASH_KEY: self.params_hash,
+            "prompt": self.prompts[index // self.images_per_prompt],
+            "seed": str(image_seed(self.seed, index)),
+        }
+        try:
+            with Image.open(path) as im:
+                return all(im.text.get(k) == v for k, v in expected.items())
+        except OSError:
+            return False
+
+    # ----------------------------------------------------------------------------- hooks
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.is_global_zero:
+            self.images_dir.mkdir(parents=True, exist_ok=True)
+            # Temp files of a killed run (atomic_write_bytes names them .<name>.<rand>.tmp).
+            for stray in self.images_dir.glob(".*.tmp"):
+                stray.unlink(missing_ok=True)
+        trainer.strategy.barrier()
+
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ) -> None:
+        for item in prediction or []:
+            record = self.record(item)
+            save_image_atomic(
+                item["image"],
+                self.path_for(item["index"]),
+                text={
+                    "prompt": item["prompt"],
+                    "seed": str(item["seed"]),
+                    HASH_KEY: self.params_hash,
+                    PARAMS_KEY: json.dumps(record, sort_keys=True),
+                },
+            )
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        # Every rank has written its share; rank 0 then builds the index and grids from the PNGs.
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            self.finalize()
+        trainer.strategy.barrier()
+
+    # ----------------------------------------------------------------------------- outputs
+
+    def record(self, item: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "index": item["index"],
+            "file": str(self.path_for(item["index"]).relative_to(self.out_dir)),
+            "prompt": item["prompt"],
+            "prompt_index": item["prompt_index"],
+            "image_index": item["image_index"],
+            "seed": item["seed"],
+            "guidance_weights": item["guidance_weights"],
+            "params_hash": self.params_hash,
+            **self.params,
+        }
+
+    def finalize(self) -> list[dict[str, Any]]:
+        """Write ``samples.jsonl`` (from the PNGs' own records) and one grid per prompt."""
+        records, missing = [], []
+        total = len(self.prompts) * self.images_per_prompt
+        for index in range(total):
+            path = self.path_for(index)
+            if not self.is_done(index):
+                missing.append(index)
+                continue
+            with Image.open(path) as im:
+                records.append(json.loads(im.text[PARAMS_KEY]))
+        lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+        atomic_write_text(self.out_dir / "samples.jsonl", lines)
+        if missing:
+            log.warning("%d of %d images missing: %s", len(missing), total, missing[:10])
+        if self.grids:
+            for p in range(len(self.prompts)):
+                start = p * self.images_per_prompt
+                paths = [self.path_for(i) for i in range(start, start + self.images_per_prompt)]
+                images = [Image.open(x).convert("RGB") for x in paths if x.is_file()]
+                if images:
+                    save_image_atomic(make_grid(images), self.out_dir / "grids" / f"p{p:04d}.png")
+        return records

@@ -1,0 +1,115 @@
+"""idgen-sample: guidance-decoupled sampling through ``Trainer.predict`` (N devices split the work).
+
+    idgen-sample domain_model=<exported domain model> sampler=decoupled prompts='[a photo of a face]'
+    idgen-sample trainer=ddp trainer.devices=8 prompt_file=prompts.txt images_per_prompt=100
+
+Images, ``samples.jsonl`` and per-prompt grids go to the run dir; rerunning with the same
+``hydra.run.dir`` resumes (finished images are skipped).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from idgen import CONFIG_DIR
+from idgen.callbacks.sample_writer import SampleWriter
+from idgen.modules.sampler_module import (
+    PromptGrid,
+    SamplerModule,
+    SamplerSettings,
+    collate,
+    params_hash,
+    read_prompts,
+)
+from idgen.utils.io import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def model_ids(cfg: DictConfig, settings: SamplerSettings) -> dict[str, Any]:
+    """Which weights made the images (recorded in every PNG and in samples.jsonl)."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    target = str(model.pop("_target_", ""))
+    model.pop("_partial_", None)
+    sd = model.get("pretrained") or f"{target.rsplit('.', 1)[-1]}({model})"
+    return {
+        "sd": str(sd),
+        "domain": cfg.domain_model,
+        "controlnet": settings.controlnet,
+        "extra": [g.get("model") for g in settings.extra_guidance],
+    }
+
+
+def sample(cfg: DictConfig) -> dict[str, Any]:
+    """Sample every (prompt, image) not yet on disk; returns a summary (for callers and tests)."""
+    output_dir = Path(cfg.paths.output_dir)
+    settings: SamplerSettings = instantiate(cfg.sampler)
+    prompts = read_prompts(cfg.prompts, cfg.prompt_file)
+    if cfg.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
+
+    # 1. What decides the images; its hash is stored in each PNG and checked on rerun.
+    params = {
+        "sampler": settings.to_dict(),
+        "model_ids": model_ids(cfg, settings),
+        "resolution": cfg.resolution,
+        "base_seed": int(cfg.seed),
+    }
+    digest = params_hash(params)
+    params["batch_size"] = int(cfg.batch_size)  # recorded, not hashed (see SamplerModule)
+
+    # 2. Writer, dataset (prompt x image index) and the predict-time module.
+    writer = SampleWriter(
+        out_dir=output_dir,
+        prompts=prompts,
+        images_per_prompt=cfg.images_per_prompt,
+        params=params,
+        params_hash=digest,
+        seed=cfg.seed,
+        images_subdir=cfg.images_subdir,
+        grids=cfg.grids,
+    )
+    dataset = PromptGrid(prompts, cfg.images_per_prompt, cfg.seed, is_done=writer.is_done)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate)
+    module = SamplerModule(
+        sd_loader=instantiate(cfg.model),
+        settings=settings,
+        domain_model=cfg.domain_model,
+        batch_size=cfg.batch_size,
+        resolution=cfg.resolution,
+        dtype=cfg.dtype,
+        cpu_offload=cfg.cpu_offload,
+    )
+
+    # 3. Predict: Lightning shards the indices over devices; the writer saves each batch.
+    loggers = list(instantiate(cfg.logger).values()) if cfg.get("logger") else False
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=[writer], logger=loggers, enable_checkpointing=False
+    )
+    if rank_zero_only.rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        # The hydra node is present only when composed with return_hydra_config (tests).
+        plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        atomic_write_text(output_dir / "sample_config.yaml", OmegaConf.to_yaml(plain, resolve=True))
+    trainer.predict(module, dataloaders=loader, return_predictions=False)
+    done = sum(writer.is_done(i) for i in range(len(dataset)))
+    log.info("sample: %d/%d images in %s", done, len(dataset), writer.images_dir)
+    return {"num_images": done, "total": len(dataset), "images_dir": str(writer.images_dir)}
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample.yaml")
+def main(cfg: DictConfig) -> None:
+    sample(cfg)
+
+
+if __name__ == "__main__":
+    main()
