@@ -8,55 +8,14 @@ job needs no download.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw
-
 from idgen.data.datamodule import DomainImageDataModule
+from idgen.toyworld.render import COLOURS, SHAPES, render_world
 from idgen.utils.io import atomic_write_text, save_image_atomic
 
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 190, 60),
-    "blue": (50, 80, 230),
-    "yellow": (235, 215, 40),
-}
-SHAPES = ("circle", "square", "triangle")
-_SUPERSAMPLE = 4
-
-
-def render_shape(
-    shape: str,
-    colour: str,
-    resolution: int = 64,
-    background: tuple[int, int, int] = (20, 20, 28),
-    rng: np.random.Generator | None = None,
-) -> Image.Image:
-    """Render one shape with a random size, position and rotation (anti-aliased)."""
-    rng = rng or np.random.default_rng(0)
-    big = resolution * _SUPERSAMPLE
-    image = Image.new("RGB", (big, big), background)
-    draw = ImageDraw.Draw(image)
-    radius = big * rng.uniform(0.18, 0.3)
-    cx, cy = (big / 2 + rng.uniform(-0.15, 0.15, size=2) * big).tolist()
-    fill = tuple(int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in COLOURS[colour])
-    if shape == "circle":
-        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
-    else:
-        sides = 4 if shape == "square" else 3
-        angle = rng.uniform(0, 2 * math.pi)
-        points = [
-            (
-                cx + radius * math.cos(angle + 2 * math.pi * k / sides),
-                cy + radius * math.sin(angle + 2 * math.pi * k / sides),
-            )
-            for k in range(sides)
-        ]
-        draw.polygon(points, fill=fill)
-    return image.resize((resolution, resolution), Image.Resampling.LANCZOS)
+__all__ = ["COLOURS", "SHAPES", "DemoDomainDataModule", "make_demo_domain"]
 
 
 def make_demo_domain(
@@ -65,15 +24,13 @@ def make_demo_domain(
     """Write the demo domain folder (idempotent: an existing complete folder is kept)."""
     root = Path(root)
     done = root / "demo_domain.json"
-    spec = {"num_images": num_images, "resolution": resolution, "seed": seed, "version": 1}
+    # version 2: rendered by idgen.toyworld (the one renderer of the toy world).
+    spec = {"num_images": num_images, "resolution": resolution, "seed": seed, "version": 2}
     if done.is_file() and json.loads(done.read_text()) == spec:
         return root
-    rng = np.random.default_rng(seed)
-    for i in range(num_images):
-        shape = SHAPES[rng.integers(len(SHAPES))]
-        colour = list(COLOURS)[rng.integers(len(COLOURS))]
-        image = render_shape(shape, colour, resolution, rng=rng)
-        save_image_atomic(image, root / f"{i:05d}_{colour}_{shape}.png")
+    images, specs = render_world("domain", num_images, resolution, seed)
+    for i, (image, s) in enumerate(zip(images, specs, strict=True)):
+        save_image_atomic(image, root / f"{i:05d}_{s.colour}_{s.shape}.png")
     atomic_write_text(done, json.dumps(spec))
     return root
 

@@ -1,0 +1,371 @@
+"""Pretraining recipe of the toy base: a text-to-image model of the open (light) world.
+
+The base is a diffusers folder in SD1.5 layout that ``idgen.models.load_sd`` loads:
+
+- images are 32x32; the VAE (``AutoencoderKL``, 3 levels, factor 4, 4 latent channels) is
+  trained first on BOTH worlds (light open-world and dark domain images), because idgen later
+  encodes domain images with it. Its ``scaling_factor`` is set to 1 / std of the latents.
+- the UNet (``UNet2DConditionModel``, the tiny preset's geometry on 8x8 latents) is then
+  trained text-to-image on open-world images only, captions like "a red circle", with 10%
+  caption dropout to "" so classifier-free guidance works;
+- the text encoder and tokenizer are ``build_tiny_sd(seed)``'s: a random, frozen 2-layer CLIP
+  text model over a tokenizer with whole-word tokens for the colours and shapes;
+- the scheduler is SD1.5's PNDM configuration.
+
+Why factor 4 at 32px: the latent stays 8x8x4 like the tiny preset, so the UNet keeps its
+four levels (8 -> 4 -> 2 -> 1) and the pipelines run unchanged (they read the VAE's factor
+from its config). Factor 8 at 32px would leave a 4x4 latent (three downsamplings impossible);
+factor 8 at 64px costs about 3.5x more VAE time per step for the same 8x8 latent.
+
+    python -m idgen.toyworld.pretrain --out <dir> --seed 0 --steps 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+
+from idgen.models import build_tiny_sd
+from idgen.models.tiny import SD15_SCHEDULER_CONFIG
+from idgen.modules.ema import EMA
+from idgen.toyworld.metrics import score
+from idgen.toyworld.render import (
+    COLOURS,
+    SHAPES,
+    all_captions,
+    render_batch,
+    render_world,
+    to_tensor,
+)
+
+RESOLUTION = 32
+
+
+@dataclass
+class Recipe:
+    """Every knob of the recipe; saved beside the weights."""
+
+    seed: int = 0
+    steps: int = 2000  # UNet steps
+    vae_steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-3
+    vae_lr: float = 1e-3
+    warmup_steps: int = 100
+    caption_dropout: float = 0.1
+    kl_weight: float = 1e-5
+    ema_decay: float = 0.999
+    eval_per_caption: int = 8
+    eval_steps: int = 25
+    guidance_scale: float = 2.5
+    threads: int = 1
+
+
+def build_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=RESOLUTION,
+    )
+
+
+def build_unet(cross_attention_dim: int) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=RESOLUTION // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _batch_seed(seed: int, phase: int, step: int) -> int:
+    # Disjoint render seeds per (recipe seed, phase, step); evaluation uses negative phases.
+    return (seed * 10 + phase) * 1_000_003 + step
+
+
+def mixed_world_batch(batch_size: int, seed: int) -> torch.Tensor:
+    """Half open-world (light), half domain (dark) images, in ``[-1, 1]``."""
+    half = batch_size // 2
+    light, _ = render_batch("open", batch_size - half, RESOLUTION, seed)
+    dark, _ = render_batch("domain", half, RESOLUTION, seed + 500_000)
+    return torch.cat([light, dark])
+
+
+def train_vae(vae: AutoencoderKL, recipe: Recipe, log_every: int = 100) -> None:
+    """Reconstruction (L1 + MSE) with a small KL term; fresh rendered batches every step."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    vae.train()
+    start = time.time()
+    for step in range(recipe.vae_steps):
+        # 1. a fresh batch of both worlds
+        x = mixed_world_batch(recipe.batch_size, _batch_seed(recipe.seed, 1, step))
+        # 2. encode, sample, decode
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(gen)).sample
+        # 3. loss and step
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        loss = loss + recipe.kl_weight * posterior.kl().mean()
+        for group in opt.param_groups:
+            group["lr"] = recipe.vae_lr * lr_factor(step, recipe.warmup_steps, recipe.vae_steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if log_every and (step % log_every == 0 or step == recipe.vae_steps - 1):
+            print(
+                f"vae  step {step:5d} loss {loss.item():.4f} ({time.time() - start:.0f}s)",
+                flush=True,
+            )
+    vae.eval()
+
+
+@torch.no_grad()
+def calibrate_scaling_factor(vae: AutoencoderKL, seed: int, num_images: int = 256) -> float:
+    """SD's convention: ``scaling_factor = 1 / std`` of the latents of the training images."""
+    x = mixed_world_batch(num_images, _batch_seed(seed, 2, 0))
+    latents = vae.encode(x).latent_dist.sample(torch.Generator().manual_seed(seed))
+    return float(1.0 / latents.std())
+
+
+@torch.no_grad()
+def reconstruction_metrics(vae: AutoencoderKL, seed: int, num_images: int = 96) -> dict:
+    """Toy-world metrics of VAE reconstructions of each world (the VAE's ceiling)."""
+    result = {}
+    for world in ("open", "domain"):
+        images, specs = render_world(world, num_images, RESOLUTION, _batch_seed(seed, -1, 0))
+        x = to_tensor(images)
+        recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        scores = score((recon + 1) / 2, [s.colour for s in specs], [s.shape for s in specs])
+        result[world] = {k: v for k, v in scores.items() if k != "n"}
+    return result
+
+
+@torch.no_grad()
+def encode_captions(pipe: StableDiffusionPipeline, captions: list[str]) -> torch.Tensor:
+    ids = pipe.tokenizer(
+        captions,
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return pipe.text_encoder(ids)[0]
+
+
+def train_unet(pipe: StableDiffusionPipeline, recipe: Recipe, log_every: int = 100) -> EMA:
+    """Text-to-image epsilon training on open-world images; returns the EMA of the UNet."""
+    unet, vae = pipe.unet, pipe.vae
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    captions = all_captions()
+    # The text encoder is frozen: every caption's features (and the empty one) are fixed.
+    features = encode_captions(pipe, [*captions, ""])
+    empty = len(captions)
+    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.lr, weight_decay=1e-2)
+    ema = EMA(unet, decay=recipe.ema_decay)
+    gen = torch.Generator().manual_seed(recipe.seed + 1)
+    sf = vae.config.scaling_factor
+    unet.train()
+    start = time.time()
+    for step in range(recipe.steps):
+        # 1. a fresh open-world batch, encoded by the frozen VAE
+        x, batch_captions = render_batch(
+            "open", recipe.batch_size, RESOLUTION, _batch_seed(recipe.seed, 3, step)
+        )
+        with torch.no_grad():
+            latents = vae.encode(x).latent_dist.sample(gen) * sf
+        # 2. captions, with dropout to "" for classifier-free guidance
+        index = torch.tensor([captions.index(c) for c in batch_captions])
+        drop = torch.rand(len(index), generator=gen) < recipe.caption_dropout
+        context = features[torch.where(drop, empty, index)]
+        # 3. noise at random timesteps; predict it
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x),), generator=gen)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        loss = F.mse_loss(unet(noisy, t, context).sample, noise)
+        # 4. optimiser and EMA
+        for group in opt.param_groups:
+            group["lr"] = recipe.lr * lr_factor(step, recipe.warmup_steps, recipe.steps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema.update(unet)
+        if log_every and (step % log_every == 0 or step == recipe.steps - 1):
+            print(
+                f"unet step {step:5d} loss {loss.item():.4f} ({time.time() - start:.0f}s)",
+                flush=True,
+            )
+    unet.eval()
+    return ema
+
+
+def evaluation_prompts(per_caption: int) -> tuple[list[str], list[str], list[str]]:
+    """Every caption ``per_caption`` times, with the colours and shapes it asks for."""
+    prompts, colours, shapes = [], [], []
+    for colour in COLOURS:
+        for shape in SHAPES:
+            prompts += [f"a {colour} {shape}"] * per_caption
+            colours += [colour] * per_caption
+            shapes += [shape] * per_caption
+    return prompts, colours, shapes
+
+
+@torch.no_grad()
+def evaluate_base(
+    pipe: StableDiffusionPipeline,
+    per_caption: int = 8,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 2.5,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Sample every caption with diffusers' ``StableDiffusionPipeline``; toy-world metrics."""
+    prompts, colours, shapes = evaluation_prompts(per_caption)
+    images = pipe(
+        prompts,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    ).images
+    result = score(images, colours, shapes)
+    result.update(guidance_scale=guidance_scale, num_inference_steps=float(num_inference_steps))
+    return result
+
+
+def _save_atomically(pipe: StableDiffusionPipeline, out: Path, extra: dict[str, str]) -> None:
+    """Write the folder next to ``out`` and swap it in, so ``out`` is never half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would make the shipped folder private
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        for name, text in extra.items():
+            (tmp / name).write_text(text)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def pretrain(out: str | os.PathLike, recipe: Recipe, log_every: int = 100) -> dict:
+    """Run the whole recipe, save the base to ``out`` and return its metadata."""
+    torch.set_num_threads(recipe.threads)
+    torch.manual_seed(recipe.seed)
+    np.random.seed(recipe.seed)
+    timings: dict[str, float] = {}
+    # 1. tokenizer + frozen random text encoder of the tiny preset; fresh VAE and UNet
+    tiny = build_tiny_sd(seed=recipe.seed)
+    torch.manual_seed(recipe.seed)
+    vae = build_vae()
+    unet = build_unet(tiny.text_encoder.config.hidden_size)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=tiny.text_encoder.requires_grad_(False).eval(),
+        tokenizer=tiny.tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    # 2. the VAE on both worlds, then its latent scale
+    start = time.time()
+    train_vae(vae, recipe, log_every)
+    vae.requires_grad_(False)
+    vae.register_to_config(scaling_factor=calibrate_scaling_factor(vae, recipe.seed))
+    timings["vae_seconds"] = time.time() - start
+    vae_metrics = reconstruction_metrics(vae, recipe.seed)
+    print(f"vae reconstructions: {json.dumps(vae_metrics)}", flush=True)
+    # 3. the text-to-image UNet on the open world
+    start = time.time()
+    ema = train_unet(pipe, recipe, log_every)
+    ema.copy_to(unet)
+    timings["unet_seconds"] = time.time() - start
+    # 4. measure what we ship
+    metrics = {}
+    if recipe.eval_per_caption:
+        start = time.time()
+        metrics = evaluate_base(
+            pipe, recipe.eval_per_caption, recipe.eval_steps, recipe.guidance_scale, seed=1234
+        )
+        timings["eval_seconds"] = time.time() - start
+    params = {
+        name: sum(p.numel() for p in getattr(pipe, name).parameters())
+        for name in ("vae", "text_encoder", "unet")
+    }
+    meta = {
+        "recipe": asdict(recipe),
+        "resolution": RESOLUTION,
+        "vae_scale_factor": 2 ** (len(vae.config.block_out_channels) - 1),
+        "scaling_factor": vae.config.scaling_factor,
+        "parameters": params,
+        "timings": timings,
+        "metrics": metrics,
+        "vae_reconstruction_metrics": vae_metrics,
+        "torch": torch.__version__,
+    }
+    _save_atomically(pipe, Path(out), {"toyworld.json": json.dumps(meta, indent=2) + "\n"})
+    return meta
+
+
+def main(argv: list[str] | None = None) -> dict:
+    defaults = Recipe()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="folder to write the diffusers base into")
+    for field, value in asdict(defaults).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    args = vars(parser.parse_args(argv))
+    out = args.pop("out")
+    meta = pretrain(out, Recipe(**args))
+    print(json.dumps({"timings": meta["timings"], "metrics": meta["metrics"]}, indent=2))
+    return meta
+
+
+if __name__ == "__main__":
+    main()
