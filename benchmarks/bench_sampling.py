@@ -1,0 +1,124 @@
+"""Time per image: InDomainPipeline (w_d > 0, and w_d = 0) vs diffusers' CFG, at equal steps.
+
+    python benchmarks/bench_sampling.py                      # tiny model, CPU
+    python benchmarks/bench_sampling.py --device cuda --dtype float16 --sd15-geometry --resolution 512
+
+Ideal ratio for w_d > 0 is 1.5x (three UNet evaluations against two); batching the uncond and
+prompt predictions into one forward (as diffusers does) and the domain UNet into another can
+make it lower. w_d = 0 should be about 1.0x. All configurations are measured in this one run,
+interleaved, and reported as medians. Random weights only: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import resource
+import statistics
+import time
+
+import torch
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+from idgen.models import NullTextUNet, build_tiny_sd
+from idgen.pipelines import InDomainPipeline
+
+PROMPT = "a photo of a red circle"
+
+# SD1.5's UNet config (diffusers layout), for a full-size random-weight UNet on a GPU.
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+
+
+def build(args) -> tuple[StableDiffusionPipeline, NullTextUNet]:
+    sd = build_tiny_sd(seed=0, cross_attention_dim=768 if args.sd15_geometry else 32)
+    if args.sd15_geometry:
+        sd.unet = UNet2DConditionModel(**SD15_UNET)
+    ids = sd.tokenizer([PROMPT], padding="max_length", return_tensors="pt").input_ids
+    with torch.no_grad():
+        features = sd.text_encoder(ids)[0]
+    domain = NullTextUNet.from_unet(sd.unet, features, init="value")
+    dtype = getattr(torch, args.dtype)
+    sd.to(args.device, dtype=dtype)
+    domain.to(args.device, dtype=dtype)
+    return sd, domain
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=4, help="images per pipeline call")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument("--sd15-geometry", action="store_true", help="full-size SD1.5 UNet")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    sd, domain = build(args)
+    scheduler = DPMSolverMultistepScheduler.from_config(sd.scheduler.config)
+    cfg_pipe = StableDiffusionPipeline(**{**sd.components, "scheduler": scheduler})
+    cfg_pipe.set_progress_bar_config(disable=True)
+    ours = InDomainPipeline.from_sd(sd, domain_unet=domain, scheduler=copy.deepcopy(scheduler))
+    size = args.resolution or sd.unet.config.sample_size * ours.vae_scale_factor
+    common = dict(num_inference_steps=args.steps, height=size, width=size, output_type="latent")
+    prompts = [PROMPT] * args.batch
+
+    runs = {
+        "diffusers CFG (g=7.5)": lambda g: cfg_pipe(
+            prompts, guidance_scale=7.5, generator=g, **common
+        ),
+        "InDomain w_d=0, w_c=7.5": lambda g: ours(prompts, w_d=0.0, w_c=7.5, generator=g, **common),
+        "InDomain w_d=3.5, w_c=3.5": lambda g: ours(
+            prompts, w_d=3.5, w_c=3.5, generator=g, **common
+        ),
+        "InDomain auto weights": lambda g: ours(prompts, generator=g, **common),
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    peaks: dict[str, float] = {}
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    for fn in runs.values():  # warm-up
+        fn(torch.Generator().manual_seed(0))
+    for r in range(args.repeats):
+        for name, fn in runs.items():  # interleaved, so drift hits every configuration alike
+            if args.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            sync()
+            t0 = time.perf_counter()
+            fn(torch.Generator().manual_seed(r))
+            sync()
+            times[name].append((time.perf_counter() - t0) / args.batch)
+            peaks[name] = max(peaks.get(name, 0.0), peak_memory_mb(args.device))
+
+    base = statistics.median(times["diffusers CFG (g=7.5)"])
+    print(
+        f"device={args.device} dtype={args.dtype} {size}px steps={args.steps} batch={args.batch} "
+        f"repeats={args.repeats} threads={torch.get_num_threads()}"
+    )
+    mem = "peak GPU MiB" if args.device.startswith("cuda") else "process peak RSS MiB"
+    print(f"{'configuration':30s} {'s/image':>9s} {'ratio':>7s} {mem:>22s}")
+    for name in runs:
+        med = statistics.median(times[name])
+        print(f"{name:30s} {med:9.4f} {med / base:6.2f}x {peaks[name]:22.1f}")
+
+
+if __name__ == "__main__":
+    main()
