@@ -119,7 +119,7 @@ def test_sdedit_equals_diffusers_img2img(sd):
     init = Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8))
     for strength in (0.5, 0.8):
         ours = _latents(
-            pipe, prompt=PROMPT, w_c=6.0, image=init, strength=strength, num_inference_steps=10
+            pipe, prompt=PROMPT, w_c=6.0, image=init, strength=strength, num_inference_steps=STEPS
         )
         theirs = _latents(
             ref,
@@ -313,3 +313,65 @@ def test_save_pretrained_round_trip(sd, domain, tmp_path):
     # without a domain model the optional component saves and loads as None
     InDomainPipeline.from_sd(sd).save_pretrained(tmp_path / "plain")
     assert InDomainPipeline.from_pretrained(tmp_path / "plain").domain_unet is None
+
+
+def test_multi_controlnet_on_uncond_equals_diffusers(sd, controlnet, control_image):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        second = ControlNetModel.from_unet(
+            sd.unet, conditioning_embedding_out_channels=(8, 8, 16, 16)
+        )
+        for module in [*second.controlnet_down_blocks, second.controlnet_mid_block]:
+            torch.nn.init.normal_(module.weight, std=0.1)
+    nets, images, scales = (
+        [controlnet, second],
+        [control_image, control_image.rotate(90)],
+        [0.5, 0.8],
+    )
+    pipe = InDomainPipeline.from_sd(sd, controlnet=nets)
+    ref = StableDiffusionControlNetPipeline(
+        **{k: v for k, v in sd.components.items() if k != "image_encoder"}, controlnet=nets
+    )
+    ref.scheduler = _dpm(sd)
+    ref.set_progress_bar_config(disable=True)
+    kw = dict(prompt=PROMPT, height=64, width=64, controlnet_conditioning_scale=scales)
+    ours = _latents(pipe, w_c=5.0, control_image=images, controlnet_on_uncond=True, **kw)
+    theirs = _latents(ref, guidance_scale=5.0, image=images, **kw)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_controlnet_only_in_control_term_by_default(sd, controlnet, control_image):
+    """Paper default: eps_sd(z, "") plain, ControlNet residuals only in the prompt prediction."""
+    pipe = InDomainPipeline.from_sd(sd, controlnet=controlnet)
+    ours = _latents(
+        pipe, prompt=PROMPT, w_c=4.0, control_image=control_image, num_inference_steps=1
+    )
+    sched = _dpm(sd)
+    sched.set_timesteps(1)
+    t = sched.timesteps[0]
+    z = torch.randn(1, 4, 8, 8, generator=_gen()) * sched.init_noise_sigma
+    emb = pipe.encode_text([PROMPT, ""], torch.device("cpu"))
+    cond = pipe.control_image_processor.preprocess(control_image, height=64, width=64)
+    with torch.no_grad():
+        down, mid = controlnet(
+            z, t, encoder_hidden_states=emb[:1], controlnet_cond=cond, return_dict=False
+        )
+        eps_c = sd.unet(
+            z,
+            t,
+            encoder_hidden_states=emb[:1],
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        ).sample
+        eps_u = sd.unet(z, t, encoder_hidden_states=emb[1:]).sample
+    expected = sched.step(eps_u + 4.0 * (eps_c - eps_u), t, z).prev_sample
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_half_precision_frozen_models_run(sd, domain):
+    """The memory option: frozen models in bfloat16 (what fp16/bf16 on a GPU does)."""
+    pipe = InDomainPipeline.from_sd(copy.deepcopy(sd), domain_unet=copy.deepcopy(domain))
+    pipe.to(dtype=torch.bfloat16)
+    out = pipe(PROMPT, w_d=2.0, w_c=3.0, num_inference_steps=2, generator=_gen(), output_type="pt")
+    assert pipe.unet.dtype == pipe.domain_unet.dtype == torch.bfloat16
+    assert torch.isfinite(out.images.float()).all()
