@@ -102,3 +102,18 @@ def test_guidance_term_validation():
         GuidanceTerm(name="edge", controlnet=object())
     with pytest.raises(ValueError, match="start=0.9"):
         GuidanceTerm(name="late", start=0.9, end=0.1)
+
+
+def test_unnamed_terms_get_positional_names(tiny_sd):
+    from idgen.pipelines import InDomainPipeline
+
+    pipe = InDomainPipeline.from_sd(tiny_sd)
+    terms = [GuidanceTerm(prompt="a red circle", weight=1.0), GuidanceTerm(weight=2.0)]
+    out = pipe(
+        "a photo", w_c=1.0, extra_guidance=terms, num_inference_steps=1, output_type="latent"
+    )
+    assert {k: v.tolist() for k, v in out.guidance_weights.items()} == {
+        "control": [1.0],
+        "extra_0": [1.0],
+        "extra_1": [2.0],
+    }

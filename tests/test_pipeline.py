@@ -127,7 +127,7 @@ def test_sdedit_equals_diffusers_img2img(sd):
             guidance_scale=6.0,
             image=init,
             strength=strength,
-            num_inference_steps=10,
+            num_inference_steps=STEPS,
         )
         # Same ops in the same order: expected equal up to float rounding.
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

@@ -13,7 +13,8 @@ class GuidanceTerm:
     """One extra guidance term ``w (eps_i(z_t, c_i) - eps_sd(z_t, ""))`` for ``InDomainPipeline``.
 
     Attributes:
-        name: key under which the weight is reported in ``guidance_weights``.
+        name: key under which the weight is reported in ``guidance_weights`` (default
+            ``extra_<i>``, its position in ``extra_guidance``).
         model: ``None`` uses the pipeline's frozen SD UNet (batched with its other predictions);
             a ``UNet2DConditionModel`` (e.g. a community SD1.5 checkpoint) or a text-free model
             called as ``model(latents, t)`` (e.g. another ``NullTextUNet``) gets its own forward.
@@ -25,7 +26,7 @@ class GuidanceTerm:
         controlnet, control_image, controlnet_conditioning_scale: optional ControlNet on this term.
     """
 
-    name: str
+    name: str = ""
     model: Any = None
     prompt: str | None = None
     prompt_embeds: torch.Tensor | None = None

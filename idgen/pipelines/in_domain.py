@@ -9,6 +9,7 @@ classifier-free guidance with scale ``w_c``.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -270,7 +271,9 @@ class InDomainPipeline(DiffusionPipeline):
             terms.append(
                 _Term("control", "sd", spec(w_c, "w_c"), embeds=prompt_embeds, controls=controls)
             )
-        for g in extra_guidance:
+        for i, g in enumerate(extra_guidance):
+            if not g.name:
+                g = dataclasses.replace(g, name=f"extra_{i}")
             if any(t.name == g.name for t in terms):
                 raise ValueError(
                     f"guidance term name '{g.name}' is used twice; names must be unique"
