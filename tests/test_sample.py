@@ -151,3 +151,47 @@ def test_one_process_and_two_ddp_processes_write_the_same_images(tmp_path, domai
     assert all(np.array_equal(one[k], two[k]) for k in one)
     read = lambda d: [json.loads(x) for x in (d / "samples.jsonl").read_text().splitlines()]  # noqa: E731
     assert read(tmp_path / "one") == read(tmp_path / "two")
+
+
+def test_controlnet_rectify_and_sdedit_samplers_run(tmp_path, domain_dir):
+    """Each sampler config end to end on tiny saved models; its settings land in the PNGs."""
+    from diffusers import ControlNetModel
+
+    sd = build_tiny_sd(seed=0)
+    ControlNetModel.from_unet(
+        sd.unet, conditioning_embedding_out_channels=(8, 8, 16, 16)
+    ).save_pretrained(tmp_path / "controlnet")
+    build_tiny_sd(seed=3).unet.save_pretrained(tmp_path / "community" / "unet")
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / "in.png")
+    cases = {
+        "controlnet": [
+            f"sampler.controlnet={tmp_path / 'controlnet'}",
+            f"sampler.control_image={tmp_path / 'in.png'}",
+            f"domain_model={domain_dir}",
+        ],
+        "rectify": [f"sampler.extra_guidance.0.model={tmp_path / 'community'}"],
+        "sdedit": [f"sampler.image={tmp_path / 'in.png'}", f"domain_model={domain_dir}"],
+    }
+    for name, extra in cases.items():
+        overrides = [
+            f"sampler={name}",
+            "prompts=[a photo of a red circle]",
+            "images_per_prompt=1",
+            "batch_size=1",
+            "sampler.num_inference_steps=2",
+            f"hydra.run.dir={tmp_path / name}",
+            *extra,
+        ]
+        cfg = compose_config("sample", tmp_path / name, overrides)
+        assert sample(cfg)["num_images"] == 1
+        (png,) = (Path(cfg.paths.output_dir) / "samples").glob("*.png")
+        with Image.open(png) as im:
+            meta = json.loads(im.text[PARAMS_KEY])
+        assert meta["sampler"]["name"] == name
+        expected_terms = {
+            "controlnet": {"domain", "control"},
+            "rectify": {"community"},
+            "sdedit": {"domain", "control"},
+        }[name]
+        assert set(meta["guidance_weights"]) == expected_terms
