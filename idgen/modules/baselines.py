@@ -68,6 +68,7 @@ class BaselineModule(DiffusionTrainingModule):
         snr_gamma: float | None = None,
         seed: int = 0,
         base_model: str = "unknown",
+        text_features: str | None = None,
     ) -> None:
         super().__init__(
             model_loader, optimizer, lr_scheduler, noise_offset, snr_gamma, seed, base_model
@@ -82,7 +83,13 @@ class BaselineModule(DiffusionTrainingModule):
             raise TypeError(
                 f"module.method must be an idgen.baselines.methods object, got {type(method)}"
             )
-        self.save_hyperparameters(ignore=["model_loader", "optimizer", "lr_scheduler", "method"])
+        # `text_features` is accepted (and unused) only because idgen-train's stage 2 passes
+        # it to every module: baselines start from the SD text encoder.
+        if text_features is not None:
+            rank_zero_info(f"baseline {method.name}: ignoring text_features={text_features!r}")
+        self.save_hyperparameters(
+            ignore=["model_loader", "optimizer", "lr_scheduler", "method", "text_features"]
+        )
         self.method = method
         self.domain = domain
         self.prompt_template = prompt_template

@@ -1,0 +1,126 @@
+"""Export a trained baseline to a folder plain diffusers can load, and load it back.
+
+Folder layout (one of, per method) + ``idgen_baseline.json`` (method, prompt, token, counts):
+
+- finetune:          ``unet/`` (``UNet2DConditionModel.from_pretrained``)
+- finetune_lora:     ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights``)
+- textual_inversion: ``learned_embeds.safetensors`` (``pipe.load_textual_inversion``)
+- custom_diffusion:  ``pytorch_custom_diffusion_weights.bin`` (``pipe.unet.load_attn_procs``)
+                     + ``learned_embeds.safetensors``
+- oft:               ``adapter_config.json`` + ``adapter_model.safetensors`` (peft OFT adapter)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import save_file
+
+from idgen.baselines.methods import BaselineMethod, method_class
+
+METADATA_FILE = "idgen_baseline.json"
+EMBEDS_FILE = "learned_embeds.safetensors"
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move a complete ``tmp`` folder to ``out``; an older export is dropped only at the end."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_baseline(
+    out_dir: str | os.PathLike,
+    method: BaselineMethod,
+    unet: Any,
+    token_vectors: torch.Tensor | None = None,
+    metadata: dict | None = None,
+) -> Path:
+    """Write ``method``'s adaptation of ``unet`` (and the learned token) to ``out_dir``.
+
+    The folder appears complete or not at all (written to a temp folder, then renamed).
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if (token_vectors is None) != (method.token is None):
+        raise ValueError(
+            f"{method.name}: token_vectors must be given exactly when the method learns a token"
+        )
+    meta = dict(metadata or {})
+    meta.update(method=method.name, method_config=method.config(), token=method.token)
+    meta["num_vectors"] = method.num_vectors
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        method.save_unet(unet, tmp)
+        if token_vectors is not None:
+            # diffusers' format: one key -> [num_vectors, D]; loads as <v>, <v>_1, ...
+            vectors = token_vectors.detach().float().cpu().contiguous()
+            save_file({method.token: vectors}, tmp / EMBEDS_FILE)
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_metadata(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / METADATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"'{folder}' is not an idgen baseline export: {METADATA_FILE} is missing. Export one "
+            "with idgen.baselines.export_baseline (written at the end of baseline training)."
+        )
+    return json.loads(path.read_text())
+
+
+def load_baseline_pipeline(
+    folder: str | os.PathLike, base_pipeline: StableDiffusionPipeline
+) -> StableDiffusionPipeline:
+    """A new ``StableDiffusionPipeline``: ``base_pipeline`` with the exported baseline applied.
+
+    ``base_pipeline`` is left untouched (its UNet stays the frozen SD one, e.g. for
+    unconditional guidance rectification); components the method changes are copied first.
+    """
+    folder = Path(folder)
+    meta = read_metadata(folder)
+    method = method_class(meta["method"])
+    learns_token = meta.get("token") is not None
+    changes_unet = method.name != "textual_inversion"
+    pipe = StableDiffusionPipeline(
+        vae=base_pipeline.vae,
+        text_encoder=(
+            copy.deepcopy(base_pipeline.text_encoder)
+            if learns_token
+            else base_pipeline.text_encoder
+        ),
+        tokenizer=copy.deepcopy(base_pipeline.tokenizer)
+        if learns_token
+        else base_pipeline.tokenizer,
+        unet=(
+            copy.deepcopy(base_pipeline.unet)
+            if changes_unet and method.name != "finetune"
+            else base_pipeline.unet
+        ),
+        scheduler=base_pipeline.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    method.load_unet(folder, pipe, meta.get("method_config", {}))
+    if learns_token:
+        pipe.load_textual_inversion(folder, weight_name=EMBEDS_FILE, token=meta["token"])
+    return pipe

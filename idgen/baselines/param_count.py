@@ -1,0 +1,94 @@
+"""Trainable-parameter counts of the baselines on the SD1.5 UNet, without any download.
+
+The UNet is built from SD1.5's ``unet/config.json`` on the meta device (no memory, no
+weights), each method is applied, and its trainable parameters are counted:
+
+    python -m idgen.baselines.param_count
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from idgen.baselines.methods import (
+    OFT,
+    BaselineMethod,
+    CustomDiffusion,
+    FullFinetune,
+    LoRA,
+    TextualInversion,
+)
+
+# stable-diffusion-v1-5/unet/config.json (fields that shape the parameters)
+SD15_UNET_CONFIG = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    center_input_sample=False,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    down_block_types=(
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    only_cross_attention=False,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    act_fn="silu",
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+SD15_TEXT_HIDDEN = 768  # CLIP ViT-L/14 token embedding width
+
+
+def sd15_unet_meta() -> UNet2DConditionModel:
+    with torch.device("meta"):
+        return UNet2DConditionModel(**SD15_UNET_CONFIG)
+
+
+def trainable_count(
+    method: BaselineMethod, unet: UNet2DConditionModel, text_hidden: int = SD15_TEXT_HIDDEN
+) -> int:
+    """Parameters ``method`` trains on ``unet`` (modified in place) plus its token vectors."""
+    unet.requires_grad_(False)
+    method.prepare(unet)
+    count = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+    return count + method.num_vectors * text_hidden
+
+
+def default_methods() -> dict[str, BaselineMethod]:
+    return {
+        "textual_inversion": TextualInversion(),
+        "custom_diffusion": CustomDiffusion(),
+        "custom_diffusion (attention=all)": CustomDiffusion(attention="all"),
+        "oft": OFT(),
+        "finetune": FullFinetune(),
+        "finetune_lora": LoRA(),
+    }
+
+
+def sd15_counts() -> dict[str, int]:
+    """#param of every default baseline on the SD1.5 UNet (meta device)."""
+    return {name: trainable_count(m, sd15_unet_meta()) for name, m in default_methods().items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.parse_args(argv)
+    for name, n in sd15_counts().items():
+        print(f"{name:34s} {n:>12,d}  ({n / 1e6:.3f}M)")
+
+
+if __name__ == "__main__":
+    main()
