@@ -1,0 +1,97 @@
+"""Null-text fine-tuning under DDP: 2 gloo CPU processes, no find_unused_parameters."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent(
+    """
+    import functools, sys
+    from pathlib import Path
+
+    import lightning as L
+    import torch
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from idgen.data import DemoDomainDataModule
+    from idgen.models import build_tiny_sd
+    from idgen.modules import NullTextFinetuneModule
+
+    out = Path(sys.argv[1])
+    L.seed_everything(0)
+    module = NullTextFinetuneModule(
+        model_loader=functools.partial(build_tiny_sd, seed=0),
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+        ema_decay=0.9,
+        val_every_n_steps=2,
+        val_num_inference_steps=2,
+        output_dir=str(out / "run"),
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=DDPStrategy(process_group_backend="gloo", find_unused_parameters=False),
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(out / "run"),
+    )
+    data = DemoDomainDataModule(root=str(out / "demo"), num_images=16, batch_size=4)
+    trainer.fit(module, datamodule=data)
+    rank = trainer.global_rank
+    state = {k: v.detach().clone() for k, v in module.domain_unet.state_dict().items()}
+    torch.save(
+        {"weights": state, "ema": module.ema.state_dict()["shadow"], "step": trainer.global_step,
+         "world": trainer.world_size},
+        out / f"rank{rank}.pt",
+    )
+    """
+)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONPATH=str(REPO))
+    env.pop("LOCAL_RANK", None)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert r0["world"] == r1["world"] == 2 and r0["step"] == r1["step"] == 3
+    for key in ("weights", "ema"):
+        assert r0[key].keys() == r1[key].keys()
+        for name, value in r0[key].items():
+            assert torch.equal(value, r1[key][name]), f"{key} {name} differs between ranks"
+    # training moved the weights (the test would be vacuous otherwise)
+    from idgen.models import NullTextUNet, build_tiny_sd
+
+    start = NullTextUNet.from_unet(build_tiny_sd(seed=0).unet, torch.zeros(1, 77, 32)).state_dict()
+    assert any(
+        not torch.equal(v, start[k])
+        for k, v in r0["weights"].items()
+        if "domain_embedding" not in k
+    )
+    # the validation grid was written once, by rank 0
+    assert (tmp_path / "run" / "validation" / "step_0000002.png").is_file()
