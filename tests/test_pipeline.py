@@ -375,3 +375,18 @@ def test_half_precision_frozen_models_run(sd, domain):
     out = pipe(PROMPT, w_d=2.0, w_c=3.0, num_inference_steps=2, generator=_gen(), output_type="pt")
     assert pipe.unet.dtype == pipe.domain_unet.dtype == torch.bfloat16
     assert torch.isfinite(out.images.float()).all()
+
+
+def test_term_with_own_text_encoder_encodes_the_call_prompt(sd):
+    other = build_tiny_sd(seed=9)
+    pipe = InDomainPipeline.from_sd(sd)
+    own = GuidanceTerm(name="c", model=other.unet, text_encoder=other.text_encoder, weight=3.0)
+    embeds = pipe.encode_text([PROMPT], torch.device("cpu"), other.text_encoder)
+    given = GuidanceTerm(name="c", model=other.unet, prompt_embeds=embeds, weight=3.0)
+    a = _latents(pipe, prompt=PROMPT, w_c=0.0, extra_guidance=[own], num_inference_steps=2)
+    b = _latents(pipe, prompt=PROMPT, w_c=0.0, extra_guidance=[given], num_inference_steps=2)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # and the pipeline's own encoder would give something else
+    shared = GuidanceTerm(name="c", model=other.unet, weight=3.0)
+    c = _latents(pipe, prompt=PROMPT, w_c=0.0, extra_guidance=[shared], num_inference_steps=2)
+    assert (a - c).abs().max() > 1e-5

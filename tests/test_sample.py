@@ -161,7 +161,9 @@ def test_controlnet_rectify_and_sdedit_samplers_run(tmp_path, domain_dir):
     ControlNetModel.from_unet(
         sd.unet, conditioning_embedding_out_channels=(8, 8, 16, 16)
     ).save_pretrained(tmp_path / "controlnet")
-    build_tiny_sd(seed=3).unet.save_pretrained(tmp_path / "community" / "unet")
+    community = build_tiny_sd(seed=3)  # a community "pipeline folder": own UNet + text encoder
+    community.unet.save_pretrained(tmp_path / "community" / "unet")
+    community.text_encoder.save_pretrained(tmp_path / "community" / "text_encoder")
     rng = np.random.default_rng(0)
     Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / "in.png")
     cases = {

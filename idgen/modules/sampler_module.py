@@ -202,6 +202,12 @@ class SamplerModule(L.LightningModule):
                 sub = "unet" if (path / "unet").is_dir() else None
                 model = UNet2DConditionModel.from_pretrained(path, subfolder=sub)
                 model.requires_grad_(False).eval()
+                if (path / "text_encoder").is_dir():
+                    # A community pipeline folder may ship a fine-tuned text encoder: use it.
+                    from transformers import CLIPTextModel
+
+                    encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
+                    spec["text_encoder"] = encoder.requires_grad_(False).eval()
             self._extra.append(GuidanceTerm(model=model, **spec))
         for module in self.pipe.components.values():
             if isinstance(module, nn.Module):
@@ -214,6 +220,8 @@ class SamplerModule(L.LightningModule):
             for i, term in enumerate(self._extra):
                 if isinstance(term.model, nn.Module):
                     self.models[f"extra_{i}"] = term.model
+                if isinstance(term.text_encoder, nn.Module):
+                    self.models[f"extra_{i}_text_encoder"] = term.text_encoder
 
     def on_predict_start(self) -> None:
         dtype = _parse_dtype(self.dtype_name)
@@ -221,13 +229,15 @@ class SamplerModule(L.LightningModule):
             # Frozen models in half precision on accelerators (memory: SD + domain + ControlNet).
             self.pipe.to(dtype=dtype)
             for term in self._extra:
-                if term.model is not None:
-                    term.model.to(dtype=dtype)
+                for module in (term.model, term.text_encoder):
+                    if module is not None:
+                        module.to(dtype=dtype)
         if self.cpu_offload and self.device.type != "cpu":
             self.pipe.enable_model_cpu_offload(device=self.device)
             for term in self._extra:  # not pipeline components: kept on the device
-                if term.model is not None:
-                    term.model.to(self.device)
+                for module in (term.model, term.text_encoder):
+                    if module is not None:
+                        module.to(self.device)
 
     # ----------------------------------------------------------------------------- sampling
 
