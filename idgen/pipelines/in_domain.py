@@ -391,6 +391,8 @@ class InDomainPipeline(DiffusionPipeline):
             raise ValueError(f"weights must be 'auto' or 'fixed', got {weights!r}")
         if prompt is None and prompt_embeds is None:
             raise ValueError("give prompt (a string or list of strings) or prompt_embeds")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if image is not None and not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
         height = height or self.unet.config.sample_size * self.vae_scale_factor
@@ -416,6 +418,11 @@ class InDomainPipeline(DiffusionPipeline):
             batch = 1 if isinstance(prompt, str) else len(prompt)
         n = num_images_per_prompt
         rows = batch * n
+        if isinstance(generator, list) and len(generator) != rows:
+            raise ValueError(
+                f"got {len(generator)} generators for {rows} images (prompts x "
+                "num_images_per_prompt); pass one generator per image or a single one."
+            )
         device = self._execution_device
 
         # 3. Encode the prompt and the unconditional (negative) prompt
@@ -454,10 +461,11 @@ class InDomainPipeline(DiffusionPipeline):
             width,
             device,
         )
-        for term, (start, end) in (("domain", domain_interval), ("control", control_interval)):
-            for t_ in terms:
-                if t_.name == term:
-                    t_.start, t_.end = start, end
+        for t_ in terms:
+            interval = {"domain": domain_interval, "control": control_interval}.get(t_.name)
+            if interval is not None:
+                t_.start, t_.end = (float(v) for v in interval)
+            is_active(0, 1, t_.start, t_.end)  # raises on a malformed interval, naming it
         uncond = Chunk("uncond", negative_embeds, controls if controlnet_on_uncond else [])
 
         # 5. Prepare timesteps (SDEdit keeps the last `strength` part of the schedule)
