@@ -253,3 +253,24 @@ def test_bad_options_are_refused(tmp_path):
         _module(tmp_path, sd, vae_dtype="float16")
     with pytest.raises(ValueError, match="ema_decay"):
         _module(tmp_path, sd, ema_decay=1.5)
+
+
+def test_calibrated_init_from_cached_latents(tmp_path):
+    """init='calibrated' takes its latents from the data module, here its latent cache."""
+    sd = build_tiny_sd(seed=0)
+    module = _module(tmp_path, sd, init="calibrated", calibration_batches=1)
+    data = DemoDomainDataModule(
+        root=str(tmp_path / "demo"),
+        num_images=8,
+        batch_size=4,
+        cache_latents=True,
+        latent_cache_dir=str(tmp_path / "latents"),
+    )
+    L.seed_everything(0)
+    _trainer(tmp_path, 1).fit(module, datamodule=data)
+    assert "latent_params" in next(iter(data.train_dataloader()))
+    assert module.domain_unet.config.init == "calibrated"
+    value = NullTextUNet.from_unet(sd.unet, module.text_features, init="value")
+    assert not torch.allclose(
+        value.embedding_parameters()[0], module.domain_unet.embedding_parameters()[0]
+    )

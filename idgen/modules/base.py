@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
+from idgen.data.latents import latents_from_batch as data_latents
 from idgen.modules.diffusion_loss import denoising_loss
-from idgen.modules.sd_parts import encode_images
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]
@@ -87,6 +87,12 @@ class DiffusionTrainingModule(L.LightningModule):
         rank = self.trainer.global_rank if self._trainer is not None else 0
         self.noise_generator = torch.Generator().manual_seed(self.seed + 1000 * rank)
 
+    def _attach_vae_to_data(self) -> None:
+        """Let a data module with ``cache_latents`` encode its images once with our VAE."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "attach_vae"):
+            datamodule.attach_vae(self.vae, model_id=self.base_model)
+
     def train(self, mode: bool = True):
         super().train(mode)
         for name in self.frozen_names:
@@ -97,7 +103,9 @@ class DiffusionTrainingModule(L.LightningModule):
 
     # --- loss -------------------------------------------------------------------------------
     def latents_from_batch(self, batch: dict) -> torch.Tensor:
-        return encode_images(self.vae, batch["pixel_values"].to(self.device))
+        """Scaled latents from ``pixel_values`` or the data module's cached ``latent_params``."""
+        with torch.no_grad():
+            return data_latents(batch, self.vae).float()
 
     def loss_for(self, predict, latents: torch.Tensor) -> torch.Tensor:
         return denoising_loss(

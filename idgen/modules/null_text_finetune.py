@@ -18,7 +18,6 @@ from idgen.modules.ema import EMA
 from idgen.modules.export import export_domain_model
 from idgen.modules.sampling import make_grid, sample_domain_model, to_pil
 from idgen.modules.sd_parts import (
-    encode_images,
     encode_prompt,
     freeze,
     load_text_features,
@@ -120,7 +119,7 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
         for i, batch in enumerate(datamodule.train_dataloader()):
             if i >= self.calibration_batches:
                 break
-            latents.append(encode_images(self.vae, batch["pixel_values"]))
+            latents.append(self.latents_from_batch(batch))
         return torch.cat(latents)
 
     def setup(self, stage: str) -> None:
@@ -129,6 +128,7 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
         pipe = self.model_loader()
         self.vae = freeze(pipe.vae.to(self.vae_dtype))
         self._setup_noise(pipe)
+        self._attach_vae_to_data()
 
         # 1. F^T: the stage-1 result, or the prompt's features when there is none.
         if self.text_features_path is not None:

@@ -73,6 +73,7 @@ class TextFeatureInversionModule(DiffusionTrainingModule):
         self.text_encoder = freeze(pipe.text_encoder)
         self.unet = freeze(pipe.unet.to(self.frozen_dtype))
         self._setup_noise(pipe)
+        self._attach_vae_to_data()
         # 1. The prompt's output features, encoded once by the frozen text encoder (fp32).
         features = encode_prompt(pipe.tokenizer, self.text_encoder, self.prompt)
         self.text_features = nn.Parameter(features.detach().clone())
