@@ -258,7 +258,7 @@ def test_bad_options_are_refused(tmp_path):
 def test_calibrated_init_from_cached_latents(tmp_path):
     """init='calibrated' takes its latents from the data module, here its latent cache."""
     sd = build_tiny_sd(seed=0)
-    module = _module(tmp_path, sd, init="calibrated", calibration_batches=1)
+    module = _module(tmp_path, sd, init="calibrated", calibration_batches=1, train_embeddings=False)
     data = DemoDomainDataModule(
         root=str(tmp_path / "demo"),
         num_images=8,
