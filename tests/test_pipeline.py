@@ -19,7 +19,7 @@ from idgen.models import build_tiny_sd
 from idgen.models.null_text_unet import NullTextUNet
 from idgen.pipelines import GuidanceTerm, InDomainPipeline
 
-STEPS = 6
+STEPS = 4
 PROMPT = "a photo of a red circle"
 
 
@@ -244,7 +244,7 @@ def test_community_unet_rectification_equals_cfg_with_same_weights(sd):
             h.remove()
     assert calls == {"sd": [1] * STEPS, "community": [1] * STEPS}
     theirs = _latents(ref, prompt=PROMPT, guidance_scale=4.0)
-    # Two batch-1 forwards vs one batch-2 forward: equal up to float32 rounding over 6 steps.
+    # Two batch-1 forwards vs one batch-2 forward: equal up to float32 rounding over a few steps.
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     # a genuinely different community model changes the result
     with torch.random.fork_rng(devices=[]):
@@ -287,8 +287,8 @@ def test_several_terms_and_intervals(sd, domain, controlnet, control_image):
     finally:
         for h in handles:
             h.remove()
-    # SD: uncond + control + glasses in one forward while glasses is active (3 of 6 steps)
-    assert calls["sd"] == [3] * 3 + [2] * 3
+    # SD: uncond + control + glasses in one forward while glasses is active (first half of the steps)
+    assert calls["sd"] == [3] * (STEPS // 2) + [2] * (STEPS // 2)
     assert calls["domain"] == [1] * STEPS
     assert out.images.shape == (1, 3, 64, 64) and torch.isfinite(out.images).all()
     assert set(out.guidance_weights) == {"domain", "control", "glasses", "style"}
