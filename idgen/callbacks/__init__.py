@@ -1,0 +1,1 @@
+"""Lightning callbacks: predict-time sample writer (idgen-sample)."""
