@@ -274,3 +274,22 @@ def test_calibrated_init_from_cached_latents(tmp_path):
     assert not torch.allclose(
         value.embedding_parameters()[0], module.domain_unet.embedding_parameters()[0]
     )
+
+
+def test_validation_grid_is_logged_to_wandb(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import WandbLogger
+
+    logged = []
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="idgen-test")
+    monkeypatch.setattr(
+        logger, "log_image", lambda key, images, step=None, **kw: logged.append((key, step))
+    )
+    module = _module(
+        tmp_path, build_tiny_sd(seed=0), val_every_n_steps=1, val_num_inference_steps=2
+    )
+    L.seed_everything(0)
+    trainer = _trainer(tmp_path, 1)
+    trainer._loggers = [logger]  # _trainer() builds with logger=False
+    trainer.fit(module, datamodule=_data(tmp_path))
+    assert logged == [("validation/grid", 1)]
