@@ -19,6 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from idgen import CONFIG_DIR
 from idgen.metrics.clip import Attribute
 from idgen.metrics.evaluation import evaluate_folder
 from idgen.metrics.results import write_metrics
@@ -127,7 +128,7 @@ def evaluate(cfg: DictConfig) -> dict:
     return results
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval.yaml")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval.yaml")
 def main(cfg: DictConfig) -> float | None:
     results = evaluate(cfg)
     metric = cfg.get("optimized_metric")
