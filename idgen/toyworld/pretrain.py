@@ -117,7 +117,9 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 def _batch_seed(seed: int, phase: int, step: int) -> int:
-    # Disjoint render seeds per (recipe seed, phase, step); evaluation uses negative phases.
+    if seed < 0 or not 0 <= phase < 10:
+        raise ValueError(f"seed must be >= 0 (got {seed}) and phase in 0-9 (got {phase})")
+    # Disjoint, non-negative render seeds per (recipe seed, phase 0-9, step).
     return (seed * 10 + phase) * 1_000_003 + step
 
 
@@ -170,7 +172,7 @@ def reconstruction_metrics(vae: AutoencoderKL, seed: int, num_images: int = 96) 
     """Toy-world metrics of VAE reconstructions of each world (the VAE's ceiling)."""
     result = {}
     for world in ("open", "domain"):
-        images, specs = render_world(world, num_images, RESOLUTION, _batch_seed(seed, -1, 0))
+        images, specs = render_world(world, num_images, RESOLUTION, _batch_seed(seed, 4, 0))
         x = to_tensor(images)
         recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
         scores = score((recon + 1) / 2, [s.colour for s in specs], [s.shape for s in specs])
@@ -292,6 +294,64 @@ def _save_atomically(pipe: StableDiffusionPipeline, out: Path, extra: dict[str, 
         raise
 
 
+def model_card(meta: dict) -> str:
+    """The README.md shipped beside the weights: what it is, how it was made, how good it is."""
+    r = meta["recipe"]
+    m = meta.get("metrics") or {}
+    p = meta["parameters"]
+    lines = [
+        "# idgen toy base",
+        "",
+        "A text-to-image model of the toy *open world* (one red/green/blue/yellow circle, square",
+        "or triangle on a light background, captioned like `a red circle`) in Stable Diffusion 1.5",
+        "layout: `idgen.models.load_sd(<this folder>)` returns a diffusers `StableDiffusionPipeline`.",
+        f"{meta['resolution']}x{meta['resolution']} images, VAE factor {meta['vae_scale_factor']}"
+        f" (8x8x4 latents, scaling_factor {meta['scaling_factor']:.4f}); parameters: UNet"
+        f" {p['unet']:,}, VAE {p['vae']:,}, text encoder {p['text_encoder']:,} (random, frozen).",
+        "",
+        "## Recipe (`idgen/toyworld/pretrain.py`)",
+        "",
+        "```",
+        f"python -m idgen.toyworld.pretrain --out <dir> --seed {r['seed']} --steps {r['steps']}"
+        f" --vae-steps {r['vae_steps']} --batch-size {r['batch_size']}",
+        "```",
+        "",
+        f"VAE {r['vae_steps']} steps on both worlds (L1+MSE, KL weight {r['kl_weight']}), then the"
+        f" UNet {r['steps']} steps at batch {r['batch_size']} on open-world images, lr {r['lr']}"
+        f" (warm-up, cosine), {r['caption_dropout']:.0%} caption dropout, EMA {r['ema_decay']}.",
+        f"Time on {r['threads']} CPU thread(s): "
+        + ", ".join(
+            f"{k.replace('_seconds', '')} {v / 60:.1f} min" for k, v in meta["timings"].items()
+        )
+        + f" (torch {meta['torch']}).",
+        "",
+        "## Measured",
+        "",
+    ]
+    if m:
+        lines += [
+            f"diffusers `StableDiffusionPipeline`, PNDM {int(m['num_inference_steps'])} steps, guidance"
+            f" {m['guidance_scale']}, {int(m['n'])} samples (every caption {r['eval_per_caption']}x, seed 1234):",
+            "",
+            "| colour accuracy | shape accuracy | no object | dark background |",
+            "| --- | --- | --- | --- |",
+            f"| {m['colour_accuracy']:.3f} | {m['shape_accuracy']:.3f} | {m['no_object_rate']:.3f}"
+            f" | {m['dark_fraction']:.3f} |",
+            "",
+        ]
+    v = meta.get("vae_reconstruction_metrics") or {}
+    for world, scores in v.items():
+        lines.append(
+            f"VAE reconstructions, {world} world: colour {scores['colour_accuracy']:.3f}, shape"
+            f" {scores['shape_accuracy']:.3f}, dark {scores['dark_fraction']:.3f}."
+        )
+    lines += [
+        "",
+        "Metrics: `idgen.toyworld.metrics` (pixel statistics). All numbers: `toyworld.json`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def pretrain(out: str | os.PathLike, recipe: Recipe, log_every: int = 100) -> dict:
     """Run the whole recipe, save the base to ``out`` and return its metadata."""
     torch.set_num_threads(recipe.threads)
@@ -350,7 +410,11 @@ def pretrain(out: str | os.PathLike, recipe: Recipe, log_every: int = 100) -> di
         "vae_reconstruction_metrics": vae_metrics,
         "torch": torch.__version__,
     }
-    _save_atomically(pipe, Path(out), {"toyworld.json": json.dumps(meta, indent=2) + "\n"})
+    _save_atomically(
+        pipe,
+        Path(out),
+        {"toyworld.json": json.dumps(meta, indent=2) + "\n", "README.md": model_card(meta)},
+    )
     return meta
 
 
