@@ -15,7 +15,8 @@ The base is a diffusers folder in SD1.5 layout that ``idgen.models.load_sd`` loa
 Why factor 4 at 32px: the latent stays 8x8x4 like the tiny preset, so the UNet keeps its
 four levels (8 -> 4 -> 2 -> 1) and the pipelines run unchanged (they read the VAE's factor
 from its config). Factor 8 at 32px would leave a 4x4 latent (three downsamplings impossible);
-factor 8 at 64px costs about 3.5x more VAE time per step for the same 8x8 latent.
+factor 8 at 64px costs 2.5-3.5x more VAE time per step for the same 8x8 latent
+(``experiments/toyworld/bench_vae_factor.py``).
 
     python -m idgen.toyworld.pretrain --out <dir> --seed 0 --steps 2000
 """
