@@ -270,6 +270,7 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
         if self.export_on_fit_end:
             self.export_path = self.resolve_output_dir() / self.export_dir_name
             self._export_rank_zero()
+            self.trainer.strategy.barrier("domain_model_exported")
 
     @rank_zero_only
     def _export_rank_zero(self) -> None:

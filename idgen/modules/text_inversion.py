@@ -112,6 +112,8 @@ class TextFeatureInversionModule(DiffusionTrainingModule):
     def on_fit_end(self) -> None:
         self.features_path = self.resolve_output_dir() / TEXT_FEATURES_FILE
         self._write_features()
+        # stage 2 on other ranks reads the file rank 0 has just written
+        self.trainer.strategy.barrier("text_features_written")
 
     @rank_zero_only
     def _write_features(self) -> None:
