@@ -95,3 +95,39 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
     )
     # the validation grid was written once, by rank 0
     assert (tmp_path / "run" / "validation" / "step_0000002.png").is_file()
+
+
+@pytest.mark.slow
+def test_idgen_train_demo_under_ddp_sim(tmp_path):
+    """The CLI under trainer=ddp_sim: Lightning relaunches the Hydra job; both stages finish."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", IDGEN_ROOT=str(tmp_path))
+    env.pop("LOCAL_RANK", None)
+    overrides = [
+        "experiment=demo",
+        "trainer=ddp_sim",
+        "data.num_images=16",
+        "data.batch_size=4",
+        "inversion_steps=2",
+        "trainer.max_steps=2",
+        "preview.enabled=false",
+        "callbacks.progress_bar.refresh_rate=0",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "module.val_every_n_steps=2",
+        "module.val_num_inference_steps=2",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "idgen.train", *overrides],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    run = tmp_path / "run"
+    assert (run / "inversion" / "text_features.safetensors").is_file()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    from idgen.models import NullTextUNet
+
+    NullTextUNet.from_pretrained(run / "domain_model")
