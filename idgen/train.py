@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from idgen import CONFIG_DIR
 from idgen.data.transforms import to_pil
+from idgen.modules.checkpoint_io import AtomicCheckpointIO
 from idgen.preview import write_base_grid
 from idgen.utils.images import make_grid
 from idgen.utils.io import atomic_write_text, save_image_atomic
@@ -104,6 +105,13 @@ def _callbacks(cfg: DictConfig, checkpointing: bool) -> list[L.Callback]:
     return callbacks
 
 
+def _plugins(cfg: DictConfig) -> dict:
+    """Atomic checkpoint writes unless the trainer config brings its own plugins."""
+    if cfg.trainer.get("plugins"):
+        return {}
+    return {"plugins": [AtomicCheckpointIO()]}
+
+
 def _finish_wandb(loggers: list[Logger]) -> None:
     for logger in loggers:
         if isinstance(logger, WandbLogger) and rank_zero_only.rank == 0:
@@ -132,6 +140,7 @@ def run_inversion(cfg: DictConfig, sd_loader, output_dir: Path) -> tuple[Path, d
         callbacks=_callbacks(cfg, checkpointing=False),
         logger=loggers or False,
         enable_checkpointing=False,
+        **_plugins(cfg),
     )
     log.info(
         "stage 1: text-feature inversion for %d steps (prompt %r)",
@@ -150,7 +159,10 @@ def run_finetune(
     module = instantiate(cfg.module, model_loader=sd_loader, text_features=text_features)
     loggers = _loggers(cfg)
     trainer = instantiate(
-        cfg.trainer, callbacks=_callbacks(cfg, checkpointing=True), logger=loggers or False
+        cfg.trainer,
+        callbacks=_callbacks(cfg, checkpointing=True),
+        logger=loggers or False,
+        **_plugins(cfg),
     )
     log.info("stage 2: null-text UNet fine-tuning from %s", text_features or "the encoded prompt")
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

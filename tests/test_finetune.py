@@ -293,3 +293,23 @@ def test_validation_grid_is_logged_to_wandb(tmp_path, monkeypatch):
     trainer._loggers = [logger]  # _trainer() builds with logger=False
     trainer.fit(module, datamodule=_data(tmp_path))
     assert logged == [("validation/grid", 1)]
+
+
+def test_atomic_checkpoint_io_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatch):
+    import os
+
+    from idgen.modules.checkpoint_io import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "ckpt" / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+
+    def killed(_fd):  # the process dies after the bytes went out, before the rename
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", killed)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert io.load_checkpoint(path, weights_only=True)["step"] == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
