@@ -156,7 +156,9 @@ def run_finetune(
     cfg: DictConfig, sd_loader, datamodule: L.LightningDataModule, text_features: str | None
 ) -> dict[str, float]:
     """Stage 2: fine-tune the null-text UNet; exports the domain model at the end."""
-    module = instantiate(cfg.module, model_loader=sd_loader, text_features=text_features)
+    # other stage-2 modules (baselines) may take no text features
+    extra = {"text_features": text_features} if "text_features" in cfg.module else {}
+    module = instantiate(cfg.module, model_loader=sd_loader, **extra)
     loggers = _loggers(cfg)
     trainer = instantiate(
         cfg.trainer,
@@ -166,7 +168,7 @@ def run_finetune(
     )
     log.info("stage 2: null-text UNet fine-tuning from %s", text_features or "the encoded prompt")
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    if module.export_path is not None:
+    if getattr(module, "export_path", None) is not None:
         log.info("domain model: %s", module.export_path)
     _finish_wandb(loggers)
     return _metrics(trainer)
