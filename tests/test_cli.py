@@ -20,7 +20,9 @@ def run_cli(module: str, tmp_path: Path, *overrides: str) -> subprocess.Complete
 
 
 def test_train_cli_writes_data_and_base_grid(tmp_path):
-    result = run_cli("idgen.train", tmp_path, "data.num_images=16", "preview.num_inference_steps=2")
+    result = run_cli(
+        "idgen.train", tmp_path, "stage=data", "data.num_images=16", "preview.num_inference_steps=2"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
     assert len(list((tmp_path / "data" / "demo_shapes").glob("*.png"))) == 16

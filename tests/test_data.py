@@ -247,3 +247,19 @@ def test_latent_cache_needs_center_crop(tmp_path):
         DomainImageDataModule(
             root=str(tmp_path), cache_latents=True, latent_cache_dir="x", center_crop=False
         )
+
+
+def test_shuffle_order_is_per_epoch_and_reproducible_after_resume(tmp_path):
+    root = make_demo_domain(tmp_path / "demo", num_images=12, resolution=16)
+    dm = DomainImageDataModule(root=str(root), resolution=16, batch_size=12, seed=3)
+    dm.setup()
+
+    def order(epoch):
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)  # what Lightning does before each epoch
+        return next(iter(loader))["index"].tolist()
+
+    first, second = order(0), order(1)
+    assert sorted(first) == list(range(12)) and first != second
+    # A fresh loader (a resumed run) set to epoch 1 gives epoch 1's order, not epoch 0's.
+    assert order(1) == second

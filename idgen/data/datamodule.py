@@ -11,7 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from idgen.data.images import DEFAULT_EXTENSIONS, check_images, list_image_files, load_rgb
 from idgen.data.latents import CachedLatentDataset, cache_key, load_or_build_cache
@@ -36,6 +36,31 @@ class DomainImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         image = load_rgb(self.files[index])
         return {"pixel_values": self.transform(image), "index": index}
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A random permutation per epoch drawn from ``seed + epoch``.
+
+    Lightning calls ``set_epoch`` before every epoch, also after resuming from a checkpoint, so
+    a resumed run continues with the order an uninterrupted run would have used (a plain
+    ``shuffle=True`` loader with a fixed generator would replay epoch 0's order instead).
+    Under DDP Lightning swaps in its ``DistributedSampler``, which works the same way.
+    """
+
+    def __init__(self, data_source: Dataset, seed: int = 0) -> None:
+        self.num_samples = len(data_source)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
 
 
 class DomainImageDataModule(L.LightningDataModule):
@@ -238,12 +263,11 @@ class DomainImageDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=EpochSeededSampler(dataset, self.seed) if shuffle else None,
             num_workers=self.num_workers,
             drop_last=drop_last,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.persistent_workers,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
         )
 
     def train_dataloader(self) -> DataLoader:
