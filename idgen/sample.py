@@ -2,6 +2,7 @@
 
     idgen-sample domain_model=<exported domain model> sampler=decoupled prompts='[a photo of a face]'
     idgen-sample trainer=ddp trainer.devices=8 prompt_file=prompts.txt images_per_prompt=100
+    idgen-sample sampler=cfg baseline_model=<exported baseline> "prompts=['a photo of <v> face']"
 
 Images, ``samples.jsonl`` and per-prompt grids go to the run dir; rerunning with the same
 ``hydra.run.dir`` resumes (finished images are skipped).
@@ -41,12 +42,16 @@ def model_ids(cfg: DictConfig, settings: SamplerSettings) -> dict[str, Any]:
     target = str(model.pop("_target_", ""))
     model.pop("_partial_", None)
     sd = model.get("pretrained") or f"{target.rsplit('.', 1)[-1]}({model})"
-    return {
+    ids = {
         "sd": str(sd),
         "domain": cfg.domain_model,
         "controlnet": settings.controlnet,
         "extra": [g.get("model") for g in settings.extra_guidance],
     }
+    if cfg.get("baseline_model"):  # only when set: earlier runs keep their parameter hash
+        ids["baseline"] = str(cfg.baseline_model)
+        ids["baseline_mode"] = settings.baseline_mode
+    return ids
 
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
@@ -84,6 +89,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         sd_loader=instantiate(cfg.model),
         settings=settings,
         domain_model=cfg.domain_model,
+        baseline_model=cfg.get("baseline_model"),
         batch_size=cfg.batch_size,
         resolution=cfg.resolution,
         dtype=cfg.dtype,

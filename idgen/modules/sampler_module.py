@@ -47,11 +47,20 @@ class SamplerSettings:
     image: str | None = None
     strength: float = 0.8
     extra_guidance: list[dict[str, Any]] = field(default_factory=list)
+    # How an exported Table-1 baseline (idgen-sample baseline_model=<folder>) is used:
+    # "pipeline": its UNet/text encoder/tokenizer replace SD's (standard CFG with sampler=cfg);
+    # "rectify": the frozen SD stays, the baseline's UNet fills extra_guidance[0] (paper §4.5).
+    baseline_mode: str = "pipeline"
     required: list[str] = field(default_factory=list)  # dotted fields that must be set
 
-    def check_required(self) -> None:
-        """Fail early, naming the override, when a field this sampler needs is unset."""
+    def check_required(self, provided: Sequence[str] = ()) -> None:
+        """Fail early, naming the override, when a field this sampler needs is unset.
+
+        ``provided``: required fields filled from elsewhere (e.g. by ``baseline_model``).
+        """
         for dotted in self.required:
+            if dotted in provided:
+                continue
             value: Any = self
             for part in dotted.split("."):
                 if isinstance(value, list | tuple):
@@ -136,6 +145,9 @@ def params_hash(params: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
 
 
+BASELINE_MODES = ("pipeline", "rectify")
+
+
 class SamplerModule(L.LightningModule):
     """Builds an ``InDomainPipeline`` in ``setup`` and samples one padded batch per predict step.
 
@@ -152,11 +164,17 @@ class SamplerModule(L.LightningModule):
         resolution: int | None = None,
         dtype: str | None = None,
         cpu_offload: bool = False,
+        baseline_model: str | None = None,
     ):
         super().__init__()
+        if settings.baseline_mode not in BASELINE_MODES:
+            raise ValueError(
+                f"sampler.baseline_mode={settings.baseline_mode!r}: use one of {BASELINE_MODES}."
+            )
         self.sd_loader = sd_loader
         self.settings = settings
         self.domain_model = domain_model
+        self.baseline_model = baseline_model
         self.batch_size = batch_size
         self.resolution = resolution
         self.dtype_name = dtype
@@ -165,7 +183,10 @@ class SamplerModule(L.LightningModule):
         self.models = nn.ModuleDict()
         self._control_images: Any = None
         self._init_image: Any = None
-        self._extra: list[GuidanceTerm] = []
+        self._extra: list[GuidanceTerm | None] = []  # None: the baseline's term, built per call
+        self._baseline: Any = None  # the baseline pipeline in "rectify" mode
+        self._baseline_term: dict[str, Any] = {}
+        self._prompt_pipe: Any = None  # converts multi-vector [V] tokens in "pipeline" mode
 
     # ----------------------------------------------------------------------------- loading
 
@@ -177,8 +198,19 @@ class SamplerModule(L.LightningModule):
         from idgen.models import NullTextUNet
 
         s = self.settings
-        s.check_required()
+        rectify = bool(self.baseline_model) and s.baseline_mode == "rectify"
+        s.check_required(provided=["extra_guidance.0.model"] if rectify else [])
         sd = self.sd_loader()
+        base = sd
+        if self.baseline_model:
+            from idgen.baselines import load_baseline_pipeline
+
+            baseline = load_baseline_pipeline(_existing(self.baseline_model, "baseline_model"), sd)
+            baseline.unet.requires_grad_(False).eval()
+            if rectify:
+                self._baseline = baseline  # SD stays the base: its uncond rectifies the baseline
+            else:
+                base = self._prompt_pipe = baseline  # standard CFG with the baseline's parts
         domain = None
         if self.domain_model:
             domain = NullTextUNet.from_pretrained(_existing(self.domain_model, "domain_model"))
@@ -190,12 +222,17 @@ class SamplerModule(L.LightningModule):
             ]
             controlnet = nets[0] if len(nets) == 1 else nets
         self.pipe = InDomainPipeline.from_sd(
-            sd, domain_unet=domain, controlnet=controlnet, scheduler=s.scheduler
+            base, domain_unet=domain, controlnet=controlnet, scheduler=s.scheduler
         )
         self._control_images = _load_images(s.control_image, "sampler.control_image")
         self._init_image = _load_images(s.image, "sampler.image")
+        if rectify:
+            self._baseline_term = _baseline_term_spec(s.extra_guidance)
         for i, spec in enumerate(s.extra_guidance):
             spec = dict(spec)
+            if rectify and i == 0:
+                self._extra.append(None)
+                continue
             model = spec.pop("model", None)
             if model is not None:
                 path = _existing(model, f"sampler.extra_guidance[{i}].model")
@@ -217,7 +254,12 @@ class SamplerModule(L.LightningModule):
             for name, module in self.pipe.components.items():
                 if isinstance(module, nn.Module):
                     self.models[name] = module
+            if self._baseline is not None:
+                self.models["baseline_unet"] = self._baseline.unet
+                self.models["baseline_text_encoder"] = self._baseline.text_encoder
             for i, term in enumerate(self._extra):
+                if term is None:
+                    continue
                 if isinstance(term.model, nn.Module):
                     self.models[f"extra_{i}"] = term.model
                 if isinstance(term.text_encoder, nn.Module):
@@ -228,16 +270,39 @@ class SamplerModule(L.LightningModule):
         if dtype is not None and self.device.type != "cpu":
             # Frozen models in half precision on accelerators (memory: SD + domain + ControlNet).
             self.pipe.to(dtype=dtype)
-            for term in self._extra:
-                for module in (term.model, term.text_encoder):
-                    if module is not None:
-                        module.to(dtype=dtype)
+            for module in self._extra_modules():
+                module.to(dtype=dtype)
         if self.cpu_offload and self.device.type != "cpu":
             self.pipe.enable_model_cpu_offload(device=self.device)
-            for term in self._extra:  # not pipeline components: kept on the device
-                for module in (term.model, term.text_encoder):
-                    if module is not None:
-                        module.to(self.device)
+            for module in self._extra_modules():  # not pipeline components: kept on the device
+                module.to(self.device)
+
+    def _extra_modules(self) -> list[nn.Module]:
+        """Models outside the pipeline's components: extra terms and the rectified baseline."""
+        modules = [
+            m
+            for term in self._extra
+            if term is not None
+            for m in (term.model, term.text_encoder)
+            if isinstance(m, nn.Module)
+        ]
+        if self._baseline is not None:
+            modules += [self._baseline.unet, self._baseline.text_encoder]
+        return modules
+
+    def _guidance_terms(self, prompts: list[str]) -> list[GuidanceTerm]:
+        """The extra terms of one call; the baseline's (rectify mode) gets these prompts' features."""
+        if self._baseline is None:
+            return [t for t in self._extra if t is not None]
+        from idgen.baselines.sampling import baseline_prompt_embeds
+
+        spec = dict(self._baseline_term)
+        own = spec.pop("prompt", None)
+        # The baseline's own encoder and tokenizer ([V] tokens), as diffusers would encode them.
+        texts = prompts if own is None else [own]
+        embeds = torch.cat([baseline_prompt_embeds(self._baseline, p) for p in texts])
+        term = GuidanceTerm(model=self._baseline.unet, prompt_embeds=embeds, **spec)
+        return [term if t is None else t for t in self._extra]
 
     # ----------------------------------------------------------------------------- sampling
 
@@ -251,11 +316,16 @@ class SamplerModule(L.LightningModule):
         generators = [torch.Generator().manual_seed(item["seed"]) for item in padded]
         s = self.settings
         size = self.resolution
+        prompts = [item["prompt"] for item in padded]
+        negative = None if s.negative_prompt is None else [s.negative_prompt] * len(padded)
+        if self._prompt_pipe is not None:
+            # diffusers expands a multi-vector "<v>" into "<v> <v>_1 ..." before tokenizing.
+            convert = self._prompt_pipe.maybe_convert_prompt
+            prompts = convert(prompts, self._prompt_pipe.tokenizer)
+            negative = None if negative is None else convert(negative, self._prompt_pipe.tokenizer)
         out = self.pipe(
-            prompt=[item["prompt"] for item in padded],
-            negative_prompt=None
-            if s.negative_prompt is None
-            else [s.negative_prompt] * len(padded),
+            prompt=prompts,
+            negative_prompt=negative,
             w_d=s.w_d,
             w_c=s.w_c,
             w0=s.w0,
@@ -269,7 +339,7 @@ class SamplerModule(L.LightningModule):
             controlnet_on_uncond=s.controlnet_on_uncond,
             image=self._init_image,
             strength=s.strength,
-            extra_guidance=self._extra,
+            extra_guidance=self._guidance_terms([item["prompt"] for item in padded]),
             output_type="pil",
         )
         # 3. Per image: the PIL image and the weights it was sampled with.
@@ -278,6 +348,23 @@ class SamplerModule(L.LightningModule):
             weights = {k: round(float(v[row]), 6) for k, v in out.guidance_weights.items()}
             results.append({**item, "image": out.images[row], "guidance_weights": weights})
         return results
+
+
+def _baseline_term_spec(extra_guidance: list[dict[str, Any]]) -> dict[str, Any]:
+    """``extra_guidance[0]`` (weight, interval, prompt) as the rectified baseline's term."""
+    if not extra_guidance:
+        raise ValueError(
+            "sampler.baseline_mode=rectify takes the baseline term's weight from "
+            "sampler.extra_guidance.0; use sampler=rectify or add an extra_guidance entry."
+        )
+    spec = dict(extra_guidance[0])
+    if spec.pop("model", None) is not None:
+        raise ValueError(
+            "baseline_model fills sampler.extra_guidance.0.model in rectify mode; give one of "
+            "the two (set sampler.extra_guidance.0.model=null)."
+        )
+    spec["name"] = "baseline"
+    return spec
 
 
 def _existing(path: str, field_name: str) -> Path:
