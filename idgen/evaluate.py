@@ -34,6 +34,21 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def sample_overrides(sample: DictConfig, run_dir: Path) -> list[str]:
+    """idgen-sample's command line for the ``sample:`` hook (names as in conf/sample.yaml).
+
+    The user's overrides come first; the grid axes (``sampler.w_d``/``sampler.w_c``), the image
+    subfolder and the run dir are set last so they always agree with what evaluation reads.
+    """
+    overrides = [str(o) for o in sample.overrides]
+    for key in ("w_d", "w_c"):  # the grid axes, forwarded to the sampler config
+        if sample.get(key) is not None:
+            overrides.append(f"sampler.{key}={sample[key]}")
+    overrides.append(f"images_subdir={sample.images_subdir}")
+    overrides.append(f"hydra.run.dir={run_dir}")
+    return overrides
+
+
 def sample_first(cfg: DictConfig, output_dir: Path) -> Path:
     """Run idgen-sample into ``output_dir/sampling`` and return its image folder.
 
@@ -47,11 +62,7 @@ def sample_first(cfg: DictConfig, output_dir: Path) -> Path:
             "idgen-sample yourself and pass samples_dir=<its image folder> (and sample=null)."
         )
     run_dir = output_dir / "sampling"
-    overrides = [str(o) for o in cfg.sample.overrides]
-    for key in ("w_d", "w_c"):  # the grid axes, forwarded to the sampler config
-        if cfg.sample.get(key) is not None:
-            overrides.append(f"sampler.{key}={cfg.sample[key]}")
-    command = [sys.executable, "-m", module, *overrides, f"hydra.run.dir={run_dir}"]
+    command = [sys.executable, "-m", module, *sample_overrides(cfg.sample, run_dir)]
     log.info("sampling first: %s", " ".join(command))
     subprocess.run(command, check=True)
     return run_dir / cfg.sample.images_subdir
@@ -98,6 +109,7 @@ def evaluate(cfg: DictConfig) -> dict:
         device=resolve_device(cfg.device),
         cache_dir=Path(cfg.paths.cache_dir) / "reference_features",
         seed=cfg.seed,
+        extra_metrics=[instantiate(node) for node in (m.get("extra") or {}).values()],
     )
     if cfg.sample is not None:
         results["params"] = {k: cfg.sample.get(k) for k in ("w_d", "w_c")}

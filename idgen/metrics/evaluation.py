@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +27,21 @@ SAMPLES_INDEX = "samples.jsonl"  # idgen-sample's index: one JSON object per ima
 
 
 def _index_prompts(samples_dir: Path) -> dict[str, str]:
-    """file name -> prompt from samples.jsonl, when idgen-sample wrote one."""
-    index = samples_dir / SAMPLES_INDEX
+    """file name -> prompt from samples.jsonl, when idgen-sample wrote one.
+
+    idgen-sample writes the index into its run dir, beside the image folder (``<run>/samples``),
+    so the parent of ``samples_dir`` is searched too.
+    """
     found: dict[str, str] = {}
-    if not index.is_file():
+    index = next(
+        (
+            d / SAMPLES_INDEX
+            for d in (samples_dir, samples_dir.parent)
+            if (d / SAMPLES_INDEX).is_file()
+        ),
+        None,
+    )
+    if index is None:
         return found
     for line in index.read_text().splitlines():
         if not line.strip():
@@ -125,12 +136,14 @@ def evaluate_folder(
     device: str | torch.device = "cpu",
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
+    extra_metrics: Sequence[Callable[[list[Path], Path], dict]] | None = None,
 ) -> dict:
     """Every configured metric of the images in ``samples_dir``; counts reported beside scores.
 
     ``extractor`` (with ``reference_dir``) enables FID/KID, ``clip_model`` CLIP score and, with
     ``attributes``, attribute alignment; ``canny_options`` (``conditions_dir``, ``low``, ``high``)
-    the canny discrepancy.
+    the canny discrepancy. Each of ``extra_metrics`` is called as ``metric(sample_paths,
+    samples_dir)`` and returns a dict merged into the results (e.g. the toy world's pixel metrics).
     """
     paths = list_images(samples_dir, "samples folder")
     results: dict = {"samples_dir": str(samples_dir), "num_samples": len(paths)}
@@ -182,4 +195,8 @@ def evaluate_folder(
             )
         pairs = match_conditions(paths, opts.pop("conditions_dir"))
         results.update(canny_metrics(pairs, **opts))
+
+    # 4. metrics of other suites (conf/metrics/*.yaml `extra`)
+    for metric in extra_metrics or ():
+        results.update(metric(paths, Path(samples_dir)))
     return results
