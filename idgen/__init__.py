@@ -6,3 +6,17 @@ __version__ = "0.1.0"
 
 # The Hydra config tree lives beside the package (repository layout, editable install).
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _register_resolvers() -> None:
+    # `${idgen.package_dir:}` in configs: files shipped inside the package (the toy base)
+    # without writing any machine's absolute path into conf/.
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("idgen.package_dir"):
+        OmegaConf.register_new_resolver(
+            "idgen.package_dir", lambda: str(Path(__file__).resolve().parent)
+        )
+
+
+_register_resolvers()
