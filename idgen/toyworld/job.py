@@ -1,0 +1,260 @@
+"""The toy world end to end: the README's main job, through idgen-train/-sample/-eval's own code.
+
+    python -m idgen.toyworld.job [--out outputs/toyworld] [--steps 400] [--threads 1]
+
+Into one folder: the domain images (dark backgrounds, unlabeled), ours (text-feature inversion
+then null-text fine-tuning, ``experiment=toyworld``), the vanilla fine-tuning baseline on the
+same budget (``experiment=toyworld_finetune``), samples of the base, the baseline and ours on
+the same colour prompts and seeds (``idgen-sample``), their metrics (``idgen-eval
+metrics=toyworld``), ``comparison.png`` (rows: base, fine-tuned, ours; columns: prompts) and
+``results.md`` / ``results.json``. A rerun skips finished stages: trained models are kept,
+finished images are not redrawn. Each stage is the CLI's function called in this process on
+the config the CLI would compose (``train``, ``sample``, ``evaluate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from idgen import CONFIG_DIR
+from idgen.toyworld.figure import comparison_figure
+from idgen.toyworld.render import all_captions
+from idgen.toyworld.report import ROWS, results_markdown
+from idgen.utils.io import atomic_write_text
+
+log = logging.getLogger("idgen.toyworld.job")
+
+
+def compose_run(config_name: str, run_dir: Path, overrides: Sequence[str]) -> DictConfig:
+    """The config ``idgen-<config_name> <overrides> hydra.run.dir=<run_dir>`` would run."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.runtime.cwd = os.getcwd()
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+        cfg.paths.work_dir = os.getcwd()
+        del cfg["hydra"]  # @hydra.main hands the job its config without Hydra's own node
+    return cfg
+
+
+def common_overrides(args: argparse.Namespace) -> list[str]:
+    """Where data, caches and logs go: all under ``args.out``."""
+    out = args.out.resolve()
+    return [
+        f"paths.data_dir={out}",
+        f"paths.cache_dir={out / 'cache'}",
+        f"paths.log_dir={out}",
+        f"seed={args.seed}",
+    ]
+
+
+def training_overrides(args: argparse.Namespace, experiment: str) -> list[str]:
+    out = args.out.resolve()
+    return [
+        f"experiment={experiment}",
+        *common_overrides(args),
+        f"data.root={out / 'domain'}",
+        f"trainer.max_steps={args.steps}",
+        f"module.optimizer.lr={args.lr}",
+        f"callbacks.model_checkpoint.every_n_train_steps={args.steps}",
+        "callbacks.progress_bar.refresh_rate=0",
+        "logger=csv",
+    ]
+
+
+def train_ours(args: argparse.Namespace) -> Path:
+    """Stage 1 + 2 (``idgen-train experiment=toyworld``); returns the exported domain model."""
+    from idgen.train import train
+
+    run_dir = args.out.resolve() / "ours"
+    export = run_dir / "domain_model"
+    if (export / "config.json").is_file():
+        log.info("ours: %s exists, training skipped", export)
+        return export
+    overrides = [
+        *training_overrides(args, "toyworld"),
+        f"inversion_steps={args.inversion_steps}",
+    ]
+    train(compose_run("train", run_dir, overrides))
+    return export
+
+
+def train_finetune(args: argparse.Namespace) -> Path:
+    """The vanilla fine-tuning baseline (``idgen-train experiment=toyworld_finetune``)."""
+    from idgen.train import train
+
+    run_dir = args.out.resolve() / "finetune"
+    export = run_dir / "baseline_model"
+    if (export / "idgen_baseline.json").is_file():
+        log.info("fine-tuning baseline: %s exists, training skipped", export)
+        return export
+    train(compose_run("train", run_dir, training_overrides(args, "toyworld_finetune")))
+    return export
+
+
+def sample_row(args: argparse.Namespace, row: str, ours: Path, finetuned: Path) -> Path:
+    """``idgen-sample`` for one figure row; returns the folder of its images."""
+    from idgen.sample import sample
+
+    run_dir = args.out.resolve() / "samples" / row
+    model = {
+        "base": ["model=toyworld", "sampler=cfg", f"sampler.w_c={args.w_c}"],
+        "finetune": [
+            "model=toyworld",
+            f"baseline_model={finetuned}",
+            "sampler=cfg",
+            f"sampler.w_c={args.w_c}",
+        ],
+        "ours": [
+            "model=toyworld",
+            "sampler=decoupled",
+            f"domain_model={ours}",
+            "sampler.weights=fixed",
+            f"sampler.w_d={args.w_d}",
+            f"sampler.w_c={args.w_c}",
+        ],
+    }[row]
+    prompts = ",".join(f"'{p}'" for p in args.prompts)
+    overrides = [
+        *model,
+        *common_overrides(args),
+        f"sampler.num_inference_steps={args.sample_steps}",
+        f"prompts=[{prompts}]",
+        f"images_per_prompt={args.images_per_prompt}",
+        f"batch_size={args.batch_size}",
+        "+trainer.enable_progress_bar=false",
+    ]
+    summary = sample(compose_run("sample", run_dir, overrides))
+    return Path(summary["images_dir"])
+
+
+def evaluate_row(args: argparse.Namespace, row: str, samples_dir: Path) -> dict:
+    """``idgen-eval metrics=toyworld`` of one row's samples against the domain images."""
+    from idgen.evaluate import evaluate
+
+    out = args.out.resolve()
+    overrides = [
+        "metrics=toyworld",
+        *common_overrides(args),
+        f"samples_dir={samples_dir}",
+        f"reference_dir={out / 'domain'}",
+        "device=cpu",
+        "~logger",
+    ]
+    return evaluate(compose_run("eval", out / "eval" / row, overrides))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("outputs/toyworld"), help="output folder")
+    p.add_argument(
+        "--steps", type=int, default=400, help="training steps of ours' stage 2 and of the baseline"
+    )
+    p.add_argument("--inversion-steps", type=int, default=100, help="ours' stage 1 steps")
+    p.add_argument("--lr", type=float, default=3e-4, help="learning rate of both (same budget)")
+    p.add_argument("--w-d", type=float, default=1.25, help="domain guidance weight of ours")
+    p.add_argument("--w-c", type=float, default=2.5, help="text guidance weight (every row)")
+    p.add_argument("--sample-steps", type=int, default=25, help="DPM-Solver++ steps")
+    p.add_argument("--images-per-prompt", type=int, default=8)
+    p.add_argument("--prompts", nargs="+", default=all_captions(), help="default: all 12 captions")
+    p.add_argument("--batch-size", type=int, default=24, help="images per sampling call")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: see README)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Every stage in order; returns what results.json holds."""
+    torch.set_num_threads(args.threads)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    start, load_start = time.perf_counter(), os.getloadavg()
+    timings: dict[str, float] = {}
+
+    def timed(name, fn, *a):
+        t0 = time.perf_counter()
+        result = fn(*a)
+        timings[name] = round(time.perf_counter() - t0, 1)
+        return result
+
+    # 1-3. ours (inversion + null-text fine-tuning; generates the domain folder), the baseline
+    ours = timed("train ours", train_ours, args)
+    finetuned = timed("train fine-tuning baseline", train_finetune, args)
+    # 4-5. the same prompts and seeds for every row, then the metrics of each row
+    metrics = {}
+    samples = {}
+    for row in ROWS:
+        samples[row] = timed(f"sample {row}", sample_row, args, row, ours, finetuned)
+        metrics[row] = timed(f"evaluate {row}", evaluate_row, args, row, samples[row])
+    # 6. figure and table
+    figure = comparison_figure(
+        {row: samples[row] for row in ROWS},
+        args.prompts,
+        args.images_per_prompt,
+        out / "comparison.png",
+    )
+    timings["total"] = round(time.perf_counter() - start, 1)
+    results = {
+        "rows": {row: _row_summary(metrics[row]) for row in ROWS},
+        "settings": {
+            "steps": args.steps,
+            "inversion_steps": args.inversion_steps,
+            "lr": args.lr,
+            "w_d": args.w_d,
+            "w_c": args.w_c,
+            "sample_steps": args.sample_steps,
+            "images_per_prompt": args.images_per_prompt,
+            "prompts": list(args.prompts),
+            "seed": args.seed,
+            "threads": args.threads,
+        },
+        "timings_s": timings,
+        "load_average": {"start": list(load_start), "end": list(os.getloadavg())},
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "figure": str(figure),
+    }
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "results.md", results_markdown(results))
+    return results
+
+
+def _row_summary(m: dict) -> dict:
+    keys = (
+        "colour_accuracy",
+        "shape_accuracy",
+        "no_object_rate",
+        "dark_fraction",
+        "fid",
+        "kid_mean",
+        "num_samples",
+        "num_reference",
+        "feature_extractor",
+    )
+    return {k: m[k] for k in keys if k in m}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    results = run(parse_args(argv))
+    print(results_markdown(results))
+
+
+if __name__ == "__main__":
+    main()
