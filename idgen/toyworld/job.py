@@ -65,47 +65,61 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def training_overrides(args: argparse.Namespace, experiment: str) -> list[str]:
+    """``experiment``'s budget unless --steps / --lr say otherwise (the same for both methods)."""
     out = args.out.resolve()
-    return [
+    overrides = [
         f"experiment={experiment}",
         *common_overrides(args),
         f"data.root={out / 'domain'}",
-        f"trainer.max_steps={args.steps}",
-        f"module.optimizer.lr={args.lr}",
-        f"callbacks.model_checkpoint.every_n_train_steps={args.steps}",
         "callbacks.progress_bar.refresh_rate=0",
-        "logger=csv",
     ]
+    if args.steps is not None:
+        overrides.append(f"trainer.max_steps={args.steps}")
+    if args.lr is not None:
+        overrides.append(f"module.optimizer.lr={args.lr}")
+    return overrides
 
 
-def train_ours(args: argparse.Namespace) -> Path:
-    """Stage 1 + 2 (``idgen-train experiment=toyworld``); returns the exported domain model."""
+def budget(cfg: DictConfig) -> dict:
+    """What decides a training run's cost and strength (recorded in results.json)."""
+    return {
+        "steps": int(cfg.trainer.max_steps),
+        "lr": float(cfg.module.optimizer.lr),
+        "batch_size": int(cfg.data.batch_size),
+        "num_images": int(cfg.data.num_images),
+        "inversion_steps": int(cfg.inversion_steps) if cfg.stage == "all" else 0,
+    }
+
+
+def train_ours(args: argparse.Namespace) -> tuple[Path, dict]:
+    """Stage 1 + 2 (``idgen-train experiment=toyworld``): the exported domain model, its budget."""
     from idgen.train import train
 
     run_dir = args.out.resolve() / "ours"
     export = run_dir / "domain_model"
+    overrides = training_overrides(args, "toyworld")
+    if args.inversion_steps is not None:
+        overrides.append(f"inversion_steps={args.inversion_steps}")
+    cfg = compose_run("train", run_dir, overrides)
     if (export / "config.json").is_file():
         log.info("ours: %s exists, training skipped", export)
-        return export
-    overrides = [
-        *training_overrides(args, "toyworld"),
-        f"inversion_steps={args.inversion_steps}",
-    ]
-    train(compose_run("train", run_dir, overrides))
-    return export
+    else:
+        train(cfg)
+    return export, budget(cfg)
 
 
-def train_finetune(args: argparse.Namespace) -> Path:
+def train_finetune(args: argparse.Namespace) -> tuple[Path, dict]:
     """The vanilla fine-tuning baseline (``idgen-train experiment=toyworld_finetune``)."""
     from idgen.train import train
 
     run_dir = args.out.resolve() / "finetune"
     export = run_dir / "baseline_model"
+    cfg = compose_run("train", run_dir, training_overrides(args, "toyworld_finetune"))
     if (export / "idgen_baseline.json").is_file():
         log.info("fine-tuning baseline: %s exists, training skipped", export)
-        return export
-    train(compose_run("train", run_dir, training_overrides(args, "toyworld_finetune")))
-    return export
+    else:
+        train(cfg)
+    return export, budget(cfg)
 
 
 def sample_row(args: argparse.Namespace, row: str, ours: Path, finetuned: Path) -> Path:
@@ -164,10 +178,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("outputs/toyworld"), help="output folder")
     p.add_argument(
-        "--steps", type=int, default=400, help="training steps of ours' stage 2 and of the baseline"
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps of ours' stage 2 and of the baseline (default: the experiments')",
     )
-    p.add_argument("--inversion-steps", type=int, default=100, help="ours' stage 1 steps")
-    p.add_argument("--lr", type=float, default=3e-4, help="learning rate of both (same budget)")
+    p.add_argument("--inversion-steps", type=int, default=None, help="ours' stage 1 steps")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of both (same budget)")
     p.add_argument("--w-d", type=float, default=1.25, help="domain guidance weight of ours")
     p.add_argument("--w-c", type=float, default=2.5, help="text guidance weight (every row)")
     p.add_argument("--sample-steps", type=int, default=25, help="DPM-Solver++ steps")
@@ -194,8 +211,8 @@ def run(args: argparse.Namespace) -> dict:
         return result
 
     # 1-3. ours (inversion + null-text fine-tuning; generates the domain folder), the baseline
-    ours = timed("train ours", train_ours, args)
-    finetuned = timed("train fine-tuning baseline", train_finetune, args)
+    ours, ours_budget = timed("train ours", train_ours, args)
+    finetuned, finetune_budget = timed("train fine-tuning baseline", train_finetune, args)
     # 4-5. the same prompts and seeds for every row, then the metrics of each row
     metrics = {}
     samples = {}
@@ -213,9 +230,7 @@ def run(args: argparse.Namespace) -> dict:
     results = {
         "rows": {row: _row_summary(metrics[row]) for row in ROWS},
         "settings": {
-            "steps": args.steps,
-            "inversion_steps": args.inversion_steps,
-            "lr": args.lr,
+            "budget": {"ours": ours_budget, "finetune": finetune_budget},
             "w_d": args.w_d,
             "w_c": args.w_c,
             "sample_steps": args.sample_steps,

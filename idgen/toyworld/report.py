@@ -20,14 +20,16 @@ def _fmt(value) -> str:
 def results_markdown(results: dict) -> str:
     """Markdown: the table (one row per method), then settings, timings and machine load."""
     s = results["settings"]
+    b = s["budget"]["finetune"]
     lines = [
         "# Toy world: base vs vanilla fine-tuning vs ours",
         "",
         f"Same prompts and seeds in every row: {len(s['prompts'])} prompts x "
         f"{s['images_per_prompt']} images, DPM-Solver++ {s['sample_steps']} steps, text "
         f"guidance w_c={s['w_c']}; ours adds domain guidance w_d={s['w_d']}. Training budget: "
-        f"{s['steps']} steps at lr {s['lr']} for ours' null-text UNet and for the baseline "
-        f"(ours also {s['inversion_steps']} steps of text-feature inversion).",
+        f"{b['steps']} steps at batch {b['batch_size']}, lr {b['lr']:g} on {b['num_images']} "
+        f"domain images for ours' null-text UNet and for the baseline (ours also "
+        f"{s['budget']['ours']['inversion_steps']} steps of text-feature inversion).",
         "",
         "| method | " + " | ".join(title for _, title in COLUMNS) + " | n |",
         "|---|" + "---|" * (len(COLUMNS) + 1),
