@@ -24,8 +24,22 @@ from idgen.utils.io import atomic_write_text
 
 # Which direction is better for each metric the heatmaps and "best" use.
 LOWER_IS_BETTER = {"fid": True, "kid_mean": True, "canny_discrepancy": True}
-HIGHER_IS_BETTER = {"clip_score": True, "attribute_alignment": True}
-HEATMAP_METRICS = ("fid", "kid_mean", "clip_score", "attribute_alignment", "canny_discrepancy")
+HIGHER_IS_BETTER = {
+    "clip_score": True,
+    "attribute_alignment": True,
+    # the toy world (metrics=toyworld): text control and domain fidelity
+    "colour_accuracy": True,
+    "dark_fraction": True,
+}
+HEATMAP_METRICS = (
+    "fid",
+    "kid_mean",
+    "clip_score",
+    "attribute_alignment",
+    "canny_discrepancy",
+    "colour_accuracy",
+    "dark_fraction",
+)
 
 
 def _value(text: str):
