@@ -1,4 +1,4 @@
-# Quick start: `make demo` (main job on the tiny CPU preset) and `make test` (test suite).
+# Quick start: `make demo` (the toy world end to end on CPU) and `make test` (test suite).
 # Both create or reuse .venv and install idgen with the exact pins in constraints.txt first.
 VENV ?= .venv
 PYTHON ?= python3
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(OFFLINE) $(VENV)/bin/idgen-train experiment=demo
+	$(OFFLINE) $(PY) -m idgen.toyworld.job --out outputs/toyworld
 
 test: $(STAMP)
 	$(OFFLINE) $(PY) -m pytest $(PYTEST_ARGS)
