@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from idgen import CONFIG_DIR
+from idgen.callbacks.log_media import GROUP_ENV, finish_loggers, instantiate_loggers, sweep_group
 from idgen.metrics.clip import Attribute
 from idgen.metrics.evaluation import evaluate_folder
 from idgen.metrics.results import write_metrics
@@ -64,7 +66,11 @@ def sample_first(cfg: DictConfig, output_dir: Path) -> Path:
     run_dir = output_dir / "sampling"
     command = [sys.executable, "-m", module, *sample_overrides(cfg.sample, run_dir)]
     log.info("sampling first: %s", " ".join(command))
-    subprocess.run(command, check=True)
+    env = dict(os.environ)
+    group = sweep_group()
+    if group:  # a wandb logger of the sampling run joins this sweep's group
+        env[GROUP_ENV] = group
+    subprocess.run(command, check=True, env=env)
     return run_dir / cfg.sample.images_subdir
 
 
@@ -121,11 +127,11 @@ def evaluate(cfg: DictConfig) -> dict:
         for k, v in results.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool)
     }
-    loggers = instantiate(cfg.logger) if cfg.get("logger") else {}
-    for logger in loggers.values():
+    loggers = instantiate_loggers(cfg.get("logger"))
+    for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(job_cfg, resolve=True))
         logger.log_metrics(scalars, step=0)
-        logger.finalize("success")
+    finish_loggers(loggers)  # one wandb run per sweep job, grouped by the sweep dir
     summary = ", ".join(
         f"{k}={results[k]:.4g}"
         for k in ("fid", "kid_mean", "clip_score", "attribute_alignment", "canny_discrepancy")

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from idgen import CONFIG_DIR
+from idgen.callbacks.log_media import finish_loggers, instantiate_loggers
 from idgen.callbacks.sample_writer import SampleWriter
 from idgen.modules.sampler_module import (
     PromptGrid,
@@ -97,9 +98,10 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     )
 
     # 3. Predict: Lightning shards the indices over devices; the writer saves each batch.
-    loggers = list(instantiate(cfg.logger).values()) if cfg.get("logger") else False
+    # Loggers (optional) get the grids with captions and the per-step guidance trace.
+    loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=[writer], logger=loggers, enable_checkpointing=False
+        cfg.trainer, callbacks=[writer], logger=loggers or False, enable_checkpointing=False
     )
     if rank_zero_only.rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -107,6 +109,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
         atomic_write_text(output_dir / "sample_config.yaml", OmegaConf.to_yaml(plain, resolve=True))
     trainer.predict(module, dataloaders=loader, return_predictions=False)
+    if rank_zero_only.rank == 0:
+        finish_loggers(loggers)
     done = sum(writer.is_done(i) for i in range(len(dataset)))
     log.info("sample: %d/%d images in %s", done, len(dataset), writer.images_dir)
     return {"num_images": done, "total": len(dataset), "images_dir": str(writer.images_dir)}

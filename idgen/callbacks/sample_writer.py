@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.loggers import Logger
 from PIL import Image
 
+from idgen.callbacks.log_media import log_images
 from idgen.modules.sampler_module import image_seed
 from idgen.utils.images import make_grid
 from idgen.utils.io import atomic_write_text, save_image_atomic
@@ -106,7 +109,7 @@ class SampleWriter(BasePredictionWriter):
         # Every rank has written its share; rank 0 then builds the index and grids from the PNGs.
         trainer.strategy.barrier()
         if trainer.is_global_zero:
-            self.finalize()
+            self.finalize(loggers=trainer.loggers)
         trainer.strategy.barrier()
 
     # ----------------------------------------------------------------------------- outputs
@@ -124,8 +127,11 @@ class SampleWriter(BasePredictionWriter):
             **self.params,
         }
 
-    def finalize(self) -> list[dict[str, Any]]:
-        """Write ``samples.jsonl`` (from the PNGs' own records) and one grid per prompt."""
+    def finalize(self, loggers: Sequence[Logger] = ()) -> list[dict[str, Any]]:
+        """Write ``samples.jsonl`` (from the PNGs' own records) and one grid per prompt.
+
+        With ``loggers``, the grids also go to them, captioned with prompt, seeds and weights.
+        """
         records, missing = [], []
         total = len(self.prompts) * self.images_per_prompt
         for index in range(total):
@@ -139,11 +145,35 @@ class SampleWriter(BasePredictionWriter):
         atomic_write_text(self.out_dir / "samples.jsonl", lines)
         if missing:
             log.warning("%d of %d images missing: %s", len(missing), total, missing[:10])
+        grids, captions = [], []
         if self.grids:
             for p in range(len(self.prompts)):
                 start = p * self.images_per_prompt
                 paths = [self.path_for(i) for i in range(start, start + self.images_per_prompt)]
                 images = [Image.open(x).convert("RGB") for x in paths if x.is_file()]
                 if images:
-                    save_image_atomic(make_grid(images), self.out_dir / "grids" / f"p{p:04d}.png")
+                    grid = make_grid(images)
+                    save_image_atomic(grid, self.out_dir / "grids" / f"p{p:04d}.png")
+                    grids.append(grid)
+                    mine = [r for r in records if r["prompt_index"] == p]
+                    captions.append(grid_caption(self.prompts[p], mine))
+        if loggers and grids:
+            log_images(loggers, "samples/grid", grids, captions)
         return records
+
+
+def grid_caption(prompt: str, records: Sequence[dict[str, Any]]) -> str:
+    """``prompt | seeds a..b | sampler w_d=.., w_c=.. | used: term=mean weight, ...``."""
+    seeds = [r["seed"] for r in records]
+    settings = records[0]["sampler"] if records else {}
+    given = ", ".join(
+        f"{k}={'auto' if settings.get(k) is None else settings.get(k)}" for k in ("w_d", "w_c")
+    )
+    used: dict[str, list[float]] = {}
+    for r in records:
+        for name, w in r["guidance_weights"].items():
+            used.setdefault(name, []).append(float(w))
+    used_text = ", ".join(f"{k}={sum(v) / len(v):.3g}" for k, v in sorted(used.items()))
+    seed_text = f"{min(seeds)}..{max(seeds)}" if seeds else "-"
+    name = settings.get("name", "")
+    return f"{prompt} | seeds {seed_text} | {name} {given} | used: {used_text}"

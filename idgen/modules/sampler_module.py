@@ -18,8 +18,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from idgen.callbacks.guidance_trace import GuidanceTrace, TracedInDomainPipeline
+from idgen.callbacks.log_media import log_series, log_table
 from idgen.guidance import GuidanceTerm
-from idgen.pipelines import InDomainPipeline
 
 
 @dataclass
@@ -179,7 +180,8 @@ class SamplerModule(L.LightningModule):
         self.resolution = resolution
         self.dtype_name = dtype
         self.cpu_offload = cpu_offload
-        self.pipe: InDomainPipeline | None = None
+        self.pipe: TracedInDomainPipeline | None = None
+        self.trace = GuidanceTrace()  # per-step norms and weights, logged at the end
         self.models = nn.ModuleDict()
         self._control_images: Any = None
         self._init_image: Any = None
@@ -221,7 +223,7 @@ class SamplerModule(L.LightningModule):
                 ControlNetModel.from_pretrained(_existing(p, "sampler.controlnet")) for p in paths
             ]
             controlnet = nets[0] if len(nets) == 1 else nets
-        self.pipe = InDomainPipeline.from_sd(
+        self.pipe = TracedInDomainPipeline.from_sd(
             base, domain_unet=domain, controlnet=controlnet, scheduler=s.scheduler
         )
         self._control_images = _load_images(s.control_image, "sampler.control_image")
@@ -342,12 +344,19 @@ class SamplerModule(L.LightningModule):
             extra_guidance=self._guidance_terms([item["prompt"] for item in padded]),
             output_type="pil",
         )
+        self.trace.add(self.pipe.steps, out.guidance_weights, rows=len(pending))
         # 3. Per image: the PIL image and the weights it was sampled with.
         results = []
         for row, item in enumerate(pending):
             weights = {k: round(float(v[row]), 6) for k, v in out.guidance_weights.items()}
             results.append({**item, "image": out.images[row], "guidance_weights": weights})
         return results
+
+    def on_predict_end(self) -> None:
+        # Per-step means over this rank's images (rank 0 logs: loggers are rank-zero only).
+        if self.loggers and self.trace.counts and self.trainer.is_global_zero:
+            log_series(self.loggers, self.trace.series())
+            log_table(self.loggers, "guidance/trace", *self.trace.table())
 
 
 def _baseline_term_spec(extra_guidance: list[dict[str, Any]]) -> dict[str, Any]:
