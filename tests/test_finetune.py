@@ -291,7 +291,12 @@ def test_validation_grid_is_logged_to_wandb(tmp_path, monkeypatch):
     L.seed_everything(0)
     trainer = _trainer(tmp_path, 1)
     trainer._loggers = [logger]  # _trainer() builds with logger=False
-    trainer.fit(module, datamodule=_data(tmp_path))
+    try:
+        trainer.fit(module, datamodule=_data(tmp_path))
+    finally:
+        import wandb
+
+        wandb.finish()  # a later WandbLogger in this process must not reuse this run
     assert logged == [("validation/grid", 1)]
 
 
