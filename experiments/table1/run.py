@@ -43,6 +43,7 @@ from recipe import (  # noqa: E402
 from idgen.data.demo import make_demo_domain  # noqa: E402
 from idgen.metrics import Attribute, InceptionFeatures, TinyFeatureExtractor  # noqa: E402
 from idgen.models import build_tiny_sd, load_sd  # noqa: E402
+from idgen.models.tiny_clip import save_tiny_clip
 
 HEADER = ["Method", "#param", "FID↓", "Text Align.↑", "Spatial Align.↓"]
 
@@ -80,45 +81,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
-
-
-def tiny_clip(folder: Path) -> Path:
-    """A random tiny CLIP (model + processor) saved offline, for the CPU demo only."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from idgen.models.tokenizer import build_tiny_clip_tokenizer
-
-    if (folder / "config.json").is_file():
-        return folder
-    tok = build_tiny_clip_tokenizer()
-    text = dict(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
-    model.save_pretrained(folder)
-    processor = CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    )
-    CLIPProcessor(image_processor=processor, tokenizer=tok).save_pretrained(folder)
-    return folder
 
 
 def load_controlnet(spec: str | None, sd):
@@ -171,7 +133,7 @@ def run(args: argparse.Namespace) -> list[list[str]]:
         extractor = InceptionFeatures(weights_path=args.inception)
     else:
         extractor = TinyFeatureExtractor(seed=0, input_size=resolution)
-    clip = str(tiny_clip(out / "tiny_clip")) if args.clip == "tiny" else args.clip
+    clip = str(save_tiny_clip(out / "tiny_clip")) if args.clip == "tiny" else args.clip
     if args.attributes:
         attributes = [Attribute(**a) for a in OmegaConf.load(args.attributes).attributes]
     else:

@@ -25,20 +25,10 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
 from idgen.baselines.methods import BaselineMethod, method_class
+from idgen.utils.io import replace_dir
 
 METADATA_FILE = "idgen_baseline.json"
 EMBEDS_FILE = "learned_embeds.safetensors"
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move a complete ``tmp`` folder to ``out``; an older export is dropped only at the end."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_baseline(
@@ -69,7 +59,7 @@ def export_baseline(
             vectors = token_vectors.detach().float().cpu().contiguous()
             save_file({method.token: vectors}, tmp / EMBEDS_FILE)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

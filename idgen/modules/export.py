@@ -16,6 +16,7 @@ import torch
 
 from idgen.models.null_text_unet import NullTextUNet
 from idgen.modules.sd_parts import TEXT_FEATURES_FILE, save_text_features
+from idgen.utils.io import replace_dir
 
 METADATA_FILE = "idgen_domain.json"
 _README = """# idgen domain model
@@ -32,17 +33,6 @@ eps_d = domain(latents, t).sample   # domain guidance, no text input
 Metadata: `{meta}`. Text features (the stage-1 result the embeddings started from):
 `{features}`.
 """
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move a fully written ``tmp`` folder to ``out``, replacing an old export only at the end."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def export_domain_model(
@@ -70,7 +60,7 @@ def export_domain_model(
                 name=out.name, meta=json.dumps(metadata, default=str), features=TEXT_FEATURES_FILE
             )
         )
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -64,3 +65,16 @@ def save_image_atomic(
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Move a fully written folder ``tmp`` to ``out``; an older ``out`` is dropped only at the end."""
+    tmp, out = Path(tmp), Path(out)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
