@@ -197,3 +197,22 @@ def test_controlnet_rectify_and_sdedit_samplers_run(tmp_path, domain_dir):
             "sdedit": {"domain", "control"},
         }[name]
         assert set(meta["guidance_weights"]) == expected_terms
+
+
+def test_domain_interval_reaches_the_sampler(tmp_path, domain_dir):
+    """A domain term active nowhere ([0, 0]) samples exactly like w_d = 0 (closed form)."""
+
+    def run(name: str, extra: list[str]) -> dict[str, np.ndarray]:
+        fixed = ["sampler.weights=fixed", "sampler.w_c=2.0", "images_per_prompt=1"]
+        cfg = compose_config("sample", tmp_path / name, _overrides(domain_dir, fixed + extra))
+        sample(cfg)
+        return _pixels(Path(cfg.paths.output_dir) / "samples")
+
+    never = run("never", ["sampler.w_d=1.0", "sampler.domain_interval=[0.0,0.0]"])
+    without = run("without", ["sampler.w_d=0.0"])
+    always = run("always", ["sampler.w_d=1.0"])
+    assert never.keys() == without.keys() == always.keys() and len(never) == 2
+    for key in never:
+        diff = np.abs(never[key].astype(int) - without[key].astype(int)).max()
+        assert diff <= 1, key
+        assert np.abs(never[key].astype(int) - always[key].astype(int)).max() > 1, key

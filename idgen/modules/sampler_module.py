@@ -38,6 +38,10 @@ class SamplerSettings:
     w_c: float | None = None
     w0: float = 7.0
     weights: str = "auto"
+    # Active part of the schedule for each term, as [start, end] fractions (beyond the paper):
+    # outside it the term drops out of the mix.
+    domain_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    control_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     num_inference_steps: int = 100
     scheduler: str = "dpm++"
     negative_prompt: str | None = None
@@ -332,6 +336,8 @@ class SamplerModule(L.LightningModule):
             w_c=s.w_c,
             w0=s.w0,
             weights=s.weights,
+            domain_interval=tuple(s.domain_interval),
+            control_interval=tuple(s.control_interval),
             num_inference_steps=s.num_inference_steps,
             height=size,
             width=size,
