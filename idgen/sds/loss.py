@@ -1,0 +1,402 @@
+"""Score distillation (DreamFusion's SDS) with the guidance-decoupled noise prediction (paper §4.3).
+
+For a differentiable render ``x = g(theta)`` encoded to ``z`` (or latents rendered directly),
+a timestep ``t`` and noise ``eps``, ``z_t = sqrt(a_t) z + sqrt(1 - a_t) eps`` and
+
+    eps_hat(z_t) = eps_sd(z_t, "") + sum_i w_i (eps_i(z_t, c_i) - eps_sd(z_t, ""))     (Eq. 3)
+    grad         = w(t) (eps_hat(z_t) - eps)
+
+with the terms of sampling: the domain model (``w_d``), the frozen SD with the prompt (``w_c``,
+optionally through a ControlNet) and any extra ``GuidanceTerm``. The loss is written as
+``0.5 ||z - (z - grad).detach()||^2`` summed over each view and averaged over the batch, so
+``d loss / d z_i = grad_i / B`` while no gradient flows through the UNets. ``w_d = 0`` is
+standard SDS with classifier-free guidance of scale ``w_c``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from idgen.guidance import GuidanceTerm, auto_weight, multi_guidance
+from idgen.sds.schedule import TimestepSchedule, Weighting, sds_weight
+
+
+def sds_loss(latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``0.5 ||z - (z - grad).detach()||^2`` per view, averaged over the batch.
+
+    Its gradient with respect to ``latents[i]`` is ``grad[i] / B``: the optimiser sees the SDS
+    direction without back-propagating through the diffusion model.
+    """
+    if latents.shape != grad.shape:
+        raise ValueError(f"latents {tuple(latents.shape)} and grad {tuple(grad.shape)} differ")
+    target = (latents - grad).detach()
+    return 0.5 * F.mse_loss(latents.float(), target.float(), reduction="sum") / latents.shape[0]
+
+
+def accepts_text(model: Any) -> bool:
+    """Whether ``model`` is called with ``encoder_hidden_states`` (a text-conditioned UNet)."""
+    return "encoder_hidden_states" in inspect.signature(model.forward).parameters
+
+
+def to_epsilon(
+    pred: torch.Tensor, z_t: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """A model output of ``prediction_type`` as the noise prediction ``eps`` (float32)."""
+    a = alpha_bar.float().view(-1, *([1] * (z_t.ndim - 1)))
+    pred, z_t = pred.float(), z_t.float()
+    if prediction_type == "epsilon":
+        return pred
+    if prediction_type == "v_prediction":
+        return a.sqrt() * pred + (1 - a).sqrt() * z_t
+    if prediction_type == "sample":
+        return (z_t - a.sqrt() * pred) / (1 - a).sqrt()
+    raise ValueError(
+        f"scheduler prediction_type {prediction_type!r} is not supported: use 'epsilon', "
+        "'v_prediction' or 'sample'"
+    )
+
+
+@dataclass
+class SDSOutput:
+    """One SDS evaluation: the loss to back-propagate and what made it (all detached but loss)."""
+
+    loss: torch.Tensor
+    timesteps: torch.Tensor  # [B] integer timesteps used
+    grad: torch.Tensor  # w(t) (eps_hat - eps), [B, C, h, w]
+    noise_pred: torch.Tensor  # eps_hat, [B, C, h, w]
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # per-view weight of each term
+
+
+@dataclass
+class _Term:
+    """A guidance term resolved once: what to run, how to weigh it, when it is on."""
+
+    name: str
+    kind: Literal["sd", "model"]
+    weight: float | Literal["auto"]
+    start: float = 0.0
+    end: float = 1.0
+    embeds: torch.Tensor | None = None  # [1, L, D]; None for text-free models
+    model: Any = None
+    controlnet: Any = None
+    control_image: torch.Tensor | None = None
+    control_scale: float = 1.0
+
+
+class MultiGuidanceSDS:
+    """SDS loss whose noise prediction is the multi-guidance mix of ``idgen.guidance``.
+
+    Args:
+        sd: a loaded SD-layout pipeline (``idgen.models.load_sd`` / ``build_tiny_sd``); its UNet,
+            VAE and text encoder are frozen (``requires_grad_(False)``), gradients still reach the
+            renders through the VAE encoder.
+        prompt: the text of the control term.
+        domain_model: a text-free model called as ``model(z_t, t)`` (``NullTextUNet``); optional.
+        w_d, w_c: weights of the domain and control terms; ``None`` = the paper's automatic
+            weight ``w0 / K |eps_sd| / |eps_i|``, computed at the first call (the batch mean) and
+            held for the run; ``0`` drops the term.
+        negative_prompt: text of the unconditional prediction ``eps_sd(z_t, "")``.
+        controlnet: optional ControlNet on the control term; give its condition per call
+            (``control_images={"control": ...}``, e.g. the render's depth), pixels in ``[0, 1]``.
+        extra_guidance: more ``GuidanceTerm``s (community checkpoints, a second domain model...).
+            ``start``/``end`` are fractions of the denoising schedule as in sampling: a view whose
+            ``t`` lies outside ``[1 - end, 1 - start] * T`` gets weight 0 for that term.
+        timesteps: the timestep range and its annealing; weighting: ``w(t)``.
+        grad_clip: clamp each element of ``grad`` to ``[-grad_clip, grad_clip]`` (None: off).
+        resolution: the pixel size renders are resized to before encoding (None: the model's
+            native size, ``unet.sample_size * vae factor``).
+    """
+
+    def __init__(
+        self,
+        sd: Any,
+        prompt: str,
+        domain_model: Any = None,
+        w_d: float | None = None,
+        w_c: float | None = None,
+        negative_prompt: str = "",
+        w0: float = 7.0,
+        controlnet: Any = None,
+        extra_guidance: Sequence[GuidanceTerm] = (),
+        timesteps: TimestepSchedule | None = None,
+        weighting: Weighting = "sds",
+        grad_clip: float | None = None,
+        resolution: int | None = None,
+    ):
+        self.sd = sd
+        self.unet, self.vae = sd.unet, sd.vae
+        for module in (sd.unet, sd.vae, sd.text_encoder, domain_model, controlnet):
+            if module is not None:
+                module.requires_grad_(False)
+        self.device = sd.unet.device
+        self.w0 = float(w0)
+        self.timesteps = timesteps or TimestepSchedule()
+        sds_weight(torch.zeros(1), weighting)  # raises on an unknown weighting, naming it
+        self.weighting = weighting
+        if grad_clip is not None and grad_clip <= 0:
+            raise ValueError(f"grad_clip must be positive or None, got {grad_clip}")
+        self.grad_clip = grad_clip
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = factor
+        self.resolution = int(resolution or sd.unet.config.sample_size * factor)
+        if self.resolution % factor:
+            raise ValueError(f"resolution must be a multiple of {factor}, got {self.resolution}")
+        scheduler = sd.scheduler
+        self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
+        to_epsilon(torch.zeros(1), torch.zeros(1), torch.ones(1), self.prediction_type)
+        self.uncond_embeds = self.encode_text(negative_prompt)
+        self.terms = self._resolve_terms(
+            prompt, domain_model, w_d, w_c, controlnet, list(extra_guidance)
+        )
+        # Automatic weights once computed (name -> float); saved with checkpoints for resume.
+        self.held: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------ set-up
+
+    @torch.no_grad()
+    def encode_text(self, text: str, text_encoder: Any = None) -> torch.Tensor:
+        """``[1, 77, D]`` CLIP features of ``text``, as diffusers' ``encode_prompt`` makes them."""
+        encoder = text_encoder or self.sd.text_encoder
+        inputs = self.sd.tokenizer(
+            [text],
+            padding="max_length",
+            max_length=self.sd.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        mask = None
+        if getattr(encoder.config, "use_attention_mask", False):
+            mask = inputs.attention_mask.to(encoder.device)
+        return encoder(inputs.input_ids.to(encoder.device), attention_mask=mask)[0]
+
+    def _resolve_terms(self, prompt, domain_model, w_d, w_c, controlnet, extra) -> list[_Term]:
+        def spec(w: float | None) -> float | Literal["auto"]:
+            return "auto" if w is None or w == "auto" else float(w)
+
+        terms: list[_Term] = []
+        if domain_model is not None and w_d != 0:
+            terms.append(_Term("domain", "model", spec(w_d), model=domain_model))
+        elif domain_model is None and w_d not in (None, 0):
+            raise ValueError(
+                f"w_d={w_d} but no domain_model was given; pass domain_model=NullTextUNet... or "
+                "set w_d=0"
+            )
+        if w_c != 0:
+            terms.append(
+                _Term(
+                    "control",
+                    "sd",
+                    spec(w_c),
+                    embeds=self.encode_text(prompt),
+                    controlnet=controlnet,
+                )
+            )
+        for i, g in enumerate(extra):
+            name = g.name or f"extra_{i}"
+            if any(t.name == name for t in terms):
+                raise ValueError(f"guidance term name '{name}' is used twice; names must be unique")
+            if g.weight == 0:
+                continue
+            text_free = g.model is not None and not accepts_text(g.model)
+            embeds = None
+            if not text_free:
+                if g.prompt_embeds is not None:
+                    embeds = g.prompt_embeds[:1].to(self.device)
+                else:
+                    embeds = self.encode_text(
+                        g.prompt if g.prompt is not None else prompt, g.text_encoder
+                    )
+            control_image = g.control_image
+            if control_image is not None and not isinstance(control_image, torch.Tensor):
+                raise ValueError(
+                    f"GuidanceTerm '{name}': SDS takes control_image as a [1 or B, 3, H, W] "
+                    f"tensor in [0, 1], got {type(control_image).__name__}"
+                )
+            terms.append(
+                _Term(
+                    name,
+                    "sd" if g.model is None else "model",
+                    g.weight,
+                    g.start,
+                    g.end,
+                    embeds,
+                    g.model,
+                    g.controlnet,
+                    control_image,
+                    g.controlnet_conditioning_scale,
+                )
+            )
+        return terms
+
+    # ------------------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, float]:
+        """The held automatic weights (resume a run with the same weights)."""
+        return dict(self.held)
+
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        self.held = {str(k): float(v) for k, v in state.items()}
+
+    # ------------------------------------------------------------------------------ compute
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Renders ``[B, 3, H, W]`` in ``[0, 1]`` -> scaled VAE latents (the posterior mean),
+        differentiable with respect to the renders."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W] in [0, 1], got {tuple(images.shape)}")
+        if images.shape[-2:] != (self.resolution, self.resolution):
+            images = F.interpolate(
+                images, (self.resolution, self.resolution), mode="bilinear", align_corners=False
+            )
+        x = (images * 2 - 1).to(self.vae.dtype)
+        latents = self.vae.encode(x).latent_dist.mean
+        return latents * self.vae.config.scaling_factor
+
+    def _control(self, term: _Term, control_images: Mapping[str, torch.Tensor], batch: int):
+        image = control_images.get(term.name, term.control_image)
+        if term.controlnet is None:
+            if term.name in control_images:
+                raise ValueError(
+                    f"control_images['{term.name}'] given but that term has no controlnet"
+                )
+            return None
+        if image is None:
+            raise ValueError(
+                f"term '{term.name}' has a controlnet: pass control_images={{'{term.name}': ...}}"
+            )
+        image = image.to(self.device, torch.float32)
+        if image.shape[-2:] != (self.resolution, self.resolution):
+            image = F.interpolate(image, (self.resolution, self.resolution), mode="bilinear")
+        return image.expand(batch, -1, -1, -1) if image.shape[0] == 1 else image
+
+    def _run(self, model, x, t, embeds=None, controlnet=None, control=None, scale=1.0):
+        x = x.to(model.dtype)
+        if embeds is None:
+            return model(x, t, return_dict=False)[0]
+        embeds = embeds.to(model.dtype)
+        kwargs = {}
+        if controlnet is not None:
+            down, mid = controlnet(
+                x,
+                t,
+                encoder_hidden_states=embeds,
+                controlnet_cond=control.to(controlnet.dtype),
+                conditioning_scale=scale,
+                return_dict=False,
+            )
+            kwargs = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        return model(x, t, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
+
+    @torch.no_grad()
+    def predictions(
+        self,
+        z_t: torch.Tensor,
+        t: torch.Tensor,
+        control_images: Mapping[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``eps_sd(z_t, negative)`` and each term's ``eps_i(z_t)`` as noise predictions (float32).
+
+        The frozen SD's unconditional prediction and every plain-text SD term share one batched
+        forward, as in sampling.
+        """
+        control_images = dict(control_images or {})
+        unknown = set(control_images) - {term.name for term in self.terms}
+        if unknown:
+            raise ValueError(f"control_images for unknown terms {sorted(unknown)}")
+        b = z_t.shape[0]
+        alpha_bar = self.alphas_cumprod[t]
+        batched = [None] + [
+            x for x in self.terms if x.kind == "sd" and x.controlnet is None
+        ]  # None: uncond
+        embeds = torch.cat(
+            [(self.uncond_embeds if x is None else x.embeds).expand(b, -1, -1) for x in batched]
+        )
+        k = len(batched)
+        out = self._run(self.unet, torch.cat([z_t] * k), torch.cat([t] * k), embeds)
+        chunks = [to_epsilon(e, z_t, alpha_bar, self.prediction_type) for e in out.chunk(k)]
+        eps_0 = chunks[0]
+        preds = {x.name: e for x, e in zip(batched[1:], chunks[1:], strict=True)}
+        for x in self.terms:
+            if x.name in preds:
+                continue
+            model = self.unet if x.kind == "sd" else x.model
+            control = self._control(x, control_images, b)
+            embeds = None if x.embeds is None else x.embeds.expand(b, -1, -1)
+            eps = self._run(model, z_t, t, embeds, x.controlnet, control, x.control_scale)
+            preds[x.name] = to_epsilon(eps, z_t, alpha_bar, self.prediction_type)
+        return eps_0, preds
+
+    def _weights(self, eps_0, preds, t) -> dict[str, torch.Tensor]:
+        """Per-view weights ``[B]``: fixed or held auto weight, 0 where the term is off at ``t``."""
+        # A view at timestep t sits at fraction 1 - t/T of the denoising schedule (t = T first).
+        progress = 1.0 - t.float() / self.num_train_timesteps
+        weights = {}
+        for x in self.terms:
+            if x.weight == "auto" and x.name not in self.held:
+                w = auto_weight(eps_0, preds[x.name], self.w0, num_terms=len(self.terms))
+                self.held[x.name] = float(w.mean())
+            value = self.held[x.name] if x.weight == "auto" else float(x.weight)
+            on = (progress >= x.start) & (progress <= x.end)
+            weights[x.name] = torch.where(on, value, 0.0).to(eps_0.dtype)
+        return weights
+
+    def __call__(
+        self,
+        images: torch.Tensor | None = None,
+        *,
+        latents: torch.Tensor | None = None,
+        step: int = 0,
+        total_steps: int = 1,
+        generator: torch.Generator | None = None,
+        t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        control_images: Mapping[str, torch.Tensor] | None = None,
+    ) -> SDSOutput:
+        """SDS loss of renders ``images`` (``[B, 3, H, W]`` in ``[0, 1]``) or of ``latents``.
+
+        ``step``/``total_steps`` drive the timestep annealing; ``t`` and ``noise`` override the
+        random draws (``generator``, on the CPU) for reproducible evaluations.
+        """
+        if (images is None) == (latents is None):
+            raise ValueError("give exactly one of images (pixels in [0, 1]) or latents")
+        # 1. Latents of the renders (gradients flow through the VAE encoder)
+        z = self.encode(images) if images is not None else latents
+        b = z.shape[0]
+        # 2. Timesteps and noise
+        if t is None:
+            t = self.timesteps.sample(
+                b, self.num_train_timesteps, step, total_steps, generator, self.device
+            )
+        t = t.to(self.device).long().reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(b)
+        elif t.numel() != b:
+            raise ValueError(f"got {t.numel()} timesteps for {b} views")
+        if noise is None:
+            noise = torch.randn(z.shape, generator=generator, dtype=torch.float32).to(z.device)
+        # 3. Noisy latents and the multi-guidance prediction (no graph through the UNets)
+        with torch.no_grad():
+            a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+            z_t = a.sqrt() * z.detach().float() + (1 - a).sqrt() * noise.float()
+            eps_0, preds = self.predictions(z_t, t, control_images)
+            weights = self._weights(eps_0, preds, t)
+            names = [x.name for x in self.terms]
+            eps_hat = multi_guidance(eps_0, [preds[n] for n in names], [weights[n] for n in names])
+            # 4. grad = w(t) (eps_hat - eps), finite and optionally clamped
+            w_t = sds_weight(self.alphas_cumprod[t], self.weighting).view(-1, 1, 1, 1)
+            grad = torch.nan_to_num(
+                w_t * (eps_hat - noise.float()), nan=0.0, posinf=0.0, neginf=0.0
+            )
+            if self.grad_clip is not None:
+                grad = grad.clamp(-self.grad_clip, self.grad_clip)
+        # 5. The loss whose gradient with respect to z is grad / B
+        loss = sds_loss(z, grad.to(z.dtype))
+        return SDSOutput(loss, t, grad, eps_hat, weights)
