@@ -1,8 +1,11 @@
 """Deterministic renderer of the toy world: one coloured shape per image.
 
-Open-world images put a red/green/blue/yellow circle, square or triangle on a LIGHT
-background and carry a caption ("a red circle"); domain images draw the same shapes and
-colours on a DARK background and are unlabeled. Everything is a function of a seed.
+Open-world images put a red/green/blue/yellow circle, square or triangle on a background
+drawn from a palette (light, grey, beige, slate, and rarely DARK) and carry a caption that
+names colour and shape only ("a red circle"). Domain images draw the same shapes and colours
+on the DARK background and are unlabeled. So the domain lies *inside* the open world but is
+rare there (15 %) and cannot be asked for in words, as FFHQ's faces are a narrow slice of what
+SD1.5 has seen. Everything is a function of a seed.
 """
 
 from __future__ import annotations
@@ -23,7 +26,22 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 DARK_BACKGROUND: tuple[int, int, int] = (20, 20, 28)
 LIGHT_BACKGROUND: tuple[int, int, int] = (236, 234, 226)
-WORLDS: dict[str, tuple[int, int, int]] = {"open": LIGHT_BACKGROUND, "domain": DARK_BACKGROUND}
+# Background palette of each world: name -> (RGB, probability). Every non-dark background has
+# a mean channel value >= 160, far from the dark one (the metrics' threshold is 128), and is
+# >= 60 (RGB distance) from every object colour, so objects stay visible on all of them.
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "light": LIGHT_BACKGROUND,
+    "grey": (172, 172, 172),
+    "beige": (214, 198, 164),
+    "slate": (164, 178, 192),
+    "dark": DARK_BACKGROUND,
+}
+WORLDS: dict[str, dict[str, float]] = {
+    "open": {"light": 0.35, "grey": 0.2, "beige": 0.15, "slate": 0.15, "dark": 0.15},
+    "domain": {"dark": 1.0},
+}
+# Per-image background jitter (each channel, +-), like lighting in photos.
+_BACKGROUND_JITTER = 6
 # Draw at 4x and downsample: anti-aliased edges like a photo, not staircase pixels.
 _SUPERSAMPLE = 4
 
@@ -39,6 +57,7 @@ class ShapeSpec:
     cy: float
     angle: float  # radians; ignored for circles
     fill: tuple[int, int, int]
+    background: tuple[int, int, int] = LIGHT_BACKGROUND
 
 
 def caption(colour: str, shape: str) -> str:
@@ -59,14 +78,19 @@ def _check(shape: str | None, colour: str | None) -> None:
 
 
 def sample_spec(
-    rng: np.random.Generator, shape: str | None = None, colour: str | None = None
+    rng: np.random.Generator,
+    shape: str | None = None,
+    colour: str | None = None,
+    world: str = "open",
 ) -> ShapeSpec:
-    """Draw a random shape spec; ``shape``/``colour`` fix those attributes.
+    """Draw a random shape spec of ``world``; ``shape``/``colour`` fix those attributes.
 
     The random draws happen in the same order whether or not an attribute is fixed, so a
-    seed gives the same geometry for every caption.
+    seed gives the same geometry for every caption (and in both worlds).
     """
     _check(shape, colour)
+    if world not in WORLDS:
+        raise ValueError(f"unknown world {world!r}: expected one of {tuple(WORLDS)}")
     shape_draw = SHAPES[rng.integers(len(SHAPES))]
     colour_draw = list(COLOURS)[rng.integers(len(COLOURS))]
     shape, colour = shape or shape_draw, colour or colour_draw
@@ -75,13 +99,17 @@ def sample_spec(
     jitter = rng.integers(-15, 16, size=3)
     fill = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOURS[colour], jitter, strict=True))
     angle = float(rng.uniform(0, 2 * math.pi))
-    return ShapeSpec(shape, colour, radius, cx, cy, angle, fill)
+    names, probs = zip(*WORLDS[world].items(), strict=True)
+    base = BACKGROUNDS[names[rng.choice(len(names), p=np.array(probs) / sum(probs))]]
+    jitter = rng.integers(-_BACKGROUND_JITTER, _BACKGROUND_JITTER + 1, size=3)
+    background = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(base, jitter, strict=True))
+    return ShapeSpec(shape, colour, radius, cx, cy, angle, fill, background)
 
 
-def render_spec(spec: ShapeSpec, resolution: int, background: tuple[int, int, int]) -> Image.Image:
+def render_spec(spec: ShapeSpec, resolution: int) -> Image.Image:
     """Render one spec as an RGB ``PIL.Image`` of ``resolution`` x ``resolution``."""
     big = resolution * _SUPERSAMPLE
-    image = Image.new("RGB", (big, big), background)
+    image = Image.new("RGB", (big, big), spec.background)
     draw = ImageDraw.Draw(image)
     r, cx, cy = spec.radius * big, spec.cx * big, spec.cy * big
     if spec.shape == "circle":
@@ -107,12 +135,13 @@ def render_world(
     shape: str | None = None,
     colour: str | None = None,
 ) -> tuple[list[Image.Image], list[ShapeSpec]]:
-    """Render ``num_images`` images of ``world`` ("open": light, "domain": dark) from ``seed``."""
+    """Render ``num_images`` images of ``world`` ("open": captioned, every background;
+    "domain": dark background) from ``seed``."""
     if world not in WORLDS:
-        raise ValueError(f"unknown world {world!r}: expected 'open' (light) or 'domain' (dark)")
+        raise ValueError(f"unknown world {world!r}: expected 'open' or 'domain' (dark)")
     rng = np.random.default_rng(seed)
-    specs = [sample_spec(rng, shape, colour) for _ in range(num_images)]
-    return [render_spec(s, resolution, WORLDS[world]) for s in specs], specs
+    specs = [sample_spec(rng, shape, colour, world) for _ in range(num_images)]
+    return [render_spec(s, resolution) for s in specs], specs
 
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:
