@@ -18,10 +18,9 @@ from idgen.toyworld.metrics import to_uint8_arrays
 from idgen.toyworld.pretrain import Recipe, evaluate_base, main, pretrain
 from idgen.toyworld.render import DARK_BACKGROUND, LIGHT_BACKGROUND, render_batch, to_tensor
 
-# Shipped-base check, sized from measurements (see experiments/toyworld/README.md): 96
-# samples at 25 PNDM steps take about 12 s on one CPU thread; colour accuracy was 0.98 on
-# 96 and on 288 samples, so 0.9 leaves several standard errors of margin.
-PER_CAPTION = 8
+# Shipped-base check, sized from measurements (idgen/toyworld/base/README.md): 384 samples
+# (about 58 on a dark background) at 25 PNDM steps take under a minute on one CPU thread.
+PER_CAPTION = 32
 STEPS = 25
 
 
@@ -141,7 +140,7 @@ def test_recipe_runs_a_few_steps_reproducibly_and_loads_with_load_sd(tmp_path):
 
 
 @pytest.mark.slow
-def test_shipped_base_follows_colour_prompts_on_a_light_background():
+def test_shipped_base_follows_colour_prompts_on_every_background_the_domain_included():
     pipe = load_sd(BASE_DIR)
     assert type(pipe) is StableDiffusionPipeline and pipe.vae_scale_factor == 4
     # Fixed seeds; every caption PER_CAPTION times through diffusers' own pipeline.
@@ -149,4 +148,7 @@ def test_shipped_base_follows_colour_prompts_on_a_light_background():
         pipe, per_caption=PER_CAPTION, num_inference_steps=STEPS, guidance_scale=2.5, seed=0
     )
     assert result["colour_accuracy"] >= 0.9, result
-    assert result["dark_fraction"] <= 0.05, result
+    # The domain (dark backgrounds) is in the base's support but rare, as in its open world...
+    assert 0.05 <= result["dark_fraction"] <= 0.3, result
+    # ...and the base follows colour prompts there too: what domain + control guidance needs.
+    assert result["dark_n"] >= 20 and result["dark_colour_accuracy"] >= 0.9, result

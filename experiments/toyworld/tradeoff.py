@@ -14,12 +14,21 @@ import argparse
 import json
 from pathlib import Path
 
-from PIL import Image, ImageDraw
-
 from idgen.metrics.sweep_summary import collect
-from idgen.utils.io import atomic_write_text, save_image_atomic
+from idgen.utils.io import atomic_write_text
 
-COLOURS = {"ours": (40, 90, 220), "fine-tuned": (220, 60, 40), "base": (120, 120, 120)}
+STYLES = {
+    "ours": {"color": "tab:blue", "marker": "o"},
+    "fine-tuned": {"color": "tab:red", "marker": "s"},
+    "fine-tuned (steps)": {"color": "tab:orange", "marker": "D"},
+    "base": {"color": "tab:gray", "marker": "*"},
+}
+LEGEND = {
+    "ours": "ours (labels: w_d/w_c)",
+    "fine-tuned": "fine-tuning, over its CFG scale (labels: w_c)",
+    "fine-tuned (steps)": "fine-tuning, over training steps",
+    "base": "base (CFG, no domain)",
+}
 DARK_TARGET = 0.9
 
 
@@ -62,55 +71,56 @@ def best_in_domain(pts: list[dict], dark: float = DARK_TARGET) -> dict | None:
     return max(ok, key=lambda p: (p["colour"], p["dark"])) if ok else None
 
 
-def draw(series: dict[str, list[dict]], out: Path, size: int = 520) -> Path:
-    margin = 60
-    image = Image.new("RGB", (size + 2 * margin, size + 2 * margin), "white")
-    d = ImageDraw.Draw(image)
+def draw(series: dict[str, list[dict]], out: Path) -> Path:
+    """Colour accuracy (text control) against dark fraction (domain fidelity), one marker per
+    point: ours over (w_d, w_c) with its Pareto front, fine-tuning over its CFG scale and over
+    its training steps, the base. The dark >= 0.9 region is shaded."""
+    import matplotlib
 
-    def xy(p):  # dark fraction -> x, colour accuracy -> y (up)
-        return margin + p["dark"] * size, margin + (1 - p["colour"]) * size
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-    # 1. axes, grid and the dark >= 0.9 region
-    d.rectangle(
-        [margin + DARK_TARGET * size, margin, margin + size, margin + size], fill=(238, 246, 238)
-    )
-    for v in (0.0, 0.25, 0.5, 0.75, 1.0):
-        d.line(
-            [margin, margin + (1 - v) * size, margin + size, margin + (1 - v) * size],
-            fill=(225, 225, 225),
-        )
-        d.line([margin + v * size, margin, margin + v * size, margin + size], fill=(225, 225, 225))
-        d.text((margin - 30, margin + (1 - v) * size - 6), f"{v:.2f}", fill="black")
-        d.text((margin + v * size - 10, margin + size + 6), f"{v:.2f}", fill="black")
-    d.rectangle([margin, margin, margin + size, margin + size], outline="black")
-    d.text(
-        (margin + size // 2 - 90, margin + size + 24),
-        "domain fidelity (dark fraction)",
-        fill="black",
-    )
-    d.text((6, margin - 24), "text control (colour accuracy)", fill="black")
-    # 2. each method's points; ours' Pareto front as a line
+    fig, ax = plt.subplots(figsize=(7, 5.5), dpi=150)
+    ax.axvspan(DARK_TARGET, 1.02, color="#e6f2e6", zorder=0, label=f"dark >= {DARK_TARGET}")
     for name, pts in series.items():
-        colour = COLOURS.get(name, (0, 0, 0))
+        style = STYLES.get(name, {"color": "black", "marker": "x"})
+        if not pts:
+            continue
         if name == "ours" and len(pts) > 1:
-            d.line([xy(p) for p in pareto_front(pts)], fill=colour, width=2)
+            front = pareto_front(pts)
+            ax.plot([p["dark"] for p in front], [p["colour"] for p in front], "-", **style,
+                    alpha=0.6, zorder=2)  # fmt: skip
+        elif name.startswith("fine-tuned") and len(pts) > 1:
+            line = sorted(pts, key=lambda p: p.get("steps", 0) or p["w_c"])
+            ax.plot([p["dark"] for p in line], [p["colour"] for p in line], ":", **style,
+                    alpha=0.6, zorder=2)  # fmt: skip
+        ax.scatter([p["dark"] for p in pts], [p["colour"] for p in pts], s=36, zorder=3,
+                   label=LEGEND.get(name, name), **style)  # fmt: skip
         for p in pts:
-            x, y = xy(p)
-            box = [x - 4, y - 4, x + 4, y + 4]
-            d.ellipse(box, fill=colour) if name == "ours" else d.rectangle(box, fill=colour)
-            if name != "base":
-                label = f"{p['w_d']:g}/{p['w_c']:g}" if name == "ours" else f"{p['w_c']:g}"
-                d.text((x + 5, y - 12), label, fill=colour)
-    # 3. legend
-    for i, name in enumerate(series):
-        y = margin + 8 + 16 * i
-        d.rectangle([margin + 8, y, margin + 16, y + 8], fill=COLOURS.get(name, (0, 0, 0)))
-        d.text(
-            (margin + 22, y - 3),
-            {"ours": "ours (w_d/w_c)", "fine-tuned": "fine-tuned (w_c)"}.get(name, name),
-            fill="black",
-        )
-    return save_image_atomic(image, out)
+            if name == "ours":
+                text = f"{p['w_d']:g}/{p['w_c']:g}"
+            elif "steps" in p:
+                text = f"{p['steps']} st"
+            elif name == "base":
+                continue
+            else:
+                text = f"{p['w_c']:g}"
+            ax.annotate(text, (p["dark"], p["colour"]), xytext=(3, 3), textcoords="offset points",
+                        fontsize=6, color=style["color"])  # fmt: skip
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(0.0, 1.02)
+    ax.set_xlabel("domain fidelity: fraction of samples on a dark background")
+    ax.set_ylabel("text control: colour accuracy on the colour prompts")
+    ax.set_title("Toy world: fine-tuning gains the domain by losing control; ours keeps it")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out)  # never a half-written figure
+    return out
 
 
 def _row(name: str, p: dict) -> str:
@@ -118,8 +128,28 @@ def _row(name: str, p: dict) -> str:
     return f"| {name} | {p['w_d']:g} | {p['w_c']:g} | {p['colour']:.3f} | {p['dark']:.3f} | {fid} | {p['n']} |"
 
 
-def write_tradeoff(sweeps: dict[str, Path], job: Path) -> dict[str, Path]:
+def write_tradeoff(
+    sweeps: dict[str, Path],
+    job: Path,
+    finetune_steps: dict[int, Path] | None = None,
+    job_budget: tuple[int, float] | None = None,
+) -> dict[str, Path]:
+    """tradeoff.png + tradeoff.md from finished sweeps (name -> sweep dir), the baseline's
+    training-steps sweeps (steps -> sweep dir; ``job_budget`` = the job's (steps, w_c), read
+    from the CFG-scale sweep) and the job's base row (results.json)."""
     series = {name: points(path) for name, path in sweeps.items()}
+    if finetune_steps:
+        series["fine-tuned (steps)"] = [
+            {**p, "steps": steps}
+            for steps, path in sorted(finetune_steps.items())
+            for p in points(path)
+        ]
+    if finetune_steps and job_budget is not None:
+        # the job's own budget, from the CFG-scale sweep (same validation seeds) at its w_c
+        steps, w_c = job_budget
+        series["fine-tuned (steps)"] += [
+            {**p, "steps": steps} for p in series.get("fine-tuned", []) if p["w_c"] == w_c
+        ]
     results = job / "results.json"
     if results.is_file():  # the job's base row: CFG on the base, no domain term
         base = json.loads(results.read_text())

@@ -11,7 +11,12 @@ from PIL import Image, ImageDraw
 from idgen.data.images import load_rgb
 from idgen.utils.io import save_image_atomic
 
-LABELS = {"base": "base (CFG)", "finetune": "fine-tuned", "ours": "ours"}
+LABELS = {
+    "base": "base (CFG)",
+    "finetune": "fine-tuned",
+    "ours": "ours",
+    "ours_auto": "ours, auto w",
+}
 
 
 def sample_path(images_dir: Path, prompt_index: int, image_index: int, per_prompt: int) -> Path:

@@ -143,6 +143,14 @@ def sample_row(args: argparse.Namespace, row: str, ours: Path, finetuned: Path) 
             f"sampler.w_d={args.w_d}",
             f"sampler.w_c={args.w_c}",
         ],
+        # the paper's automatic initial weights: w0/2 * |eps_sd| / |eps_i| at the first step
+        "ours_auto": [
+            "model=toyworld",
+            "sampler=decoupled",
+            f"domain_model={ours}",
+            "sampler.weights=auto",
+            f"sampler.w0={args.w0}",
+        ],
     }[row]
     prompts = ",".join(f"'{p}'" for p in args.prompts)
     overrides = [
@@ -187,6 +195,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="learning rate of both (same budget)")
     p.add_argument("--w-d", type=float, default=1.25, help="domain guidance weight of ours")
     p.add_argument("--w-c", type=float, default=2.5, help="text guidance weight (every row)")
+    p.add_argument("--w0", type=float, default=7.0, help="ours' automatic weights (paper: 7)")
     p.add_argument("--sample-steps", type=int, default=25, help="DPM-Solver++ steps")
     p.add_argument("--images-per-prompt", type=int, default=8)
     p.add_argument("--prompts", nargs="+", default=all_captions(), help="default: all 12 captions")
@@ -233,6 +242,7 @@ def run(args: argparse.Namespace) -> dict:
             "budget": {"ours": ours_budget, "finetune": finetune_budget},
             "w_d": args.w_d,
             "w_c": args.w_c,
+            "w0": args.w0,
             "sample_steps": args.sample_steps,
             "images_per_prompt": args.images_per_prompt,
             "prompts": list(args.prompts),

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-ROWS = ("base", "finetune", "ours")
-ROW_NAMES = {"base": "base (CFG, no domain)", "finetune": "vanilla fine-tuning", "ours": "ours"}
+ROWS = ("base", "finetune", "ours", "ours_auto")
+ROW_NAMES = {
+    "base": "base (CFG, no domain)",
+    "finetune": "vanilla fine-tuning",
+    "ours": "ours",
+    "ours_auto": "ours, the paper's automatic weights",
+}
 COLUMNS = (
     ("colour_accuracy", "colour acc ↑"),
     ("shape_accuracy", "shape acc"),
@@ -26,7 +31,8 @@ def results_markdown(results: dict) -> str:
         "",
         f"Same prompts and seeds in every row: {len(s['prompts'])} prompts x "
         f"{s['images_per_prompt']} images, DPM-Solver++ {s['sample_steps']} steps, text "
-        f"guidance w_c={s['w_c']}; ours adds domain guidance w_d={s['w_d']}. Training budget: "
+        f"guidance w_c={s['w_c']}; ours adds domain guidance w_d={s['w_d']} (the automatic "
+        f"weights row: w0={s.get('w0', 7.0)}, weights set per sample at the first step). Training budget: "
         f"{b['steps']} steps at batch {b['batch_size']}, lr {b['lr']:g} on {b['num_images']} "
         f"domain images for ours' null-text UNet and for the baseline (ours also "
         f"{s['budget']['ours']['inversion_steps']} steps of text-feature inversion).",
