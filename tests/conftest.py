@@ -44,3 +44,15 @@ def tiny_sd():
     from idgen.models import build_tiny_sd
 
     return build_tiny_sd(seed=0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip ``gpu``-marked tests without CUDA (``IDGEN_GPU_TEST_DEVICE=cpu`` dry-runs them)."""
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("IDGEN_GPU_TEST_DEVICE") == "cpu":
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run on a GPU: benchmarks/device_check.py)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,139 @@
+"""Shared by the benchmark scripts: random-weight SD1.5-geometry models, timing and memory helpers.
+
+Nothing here downloads anything: ``build_sd("sd15")`` builds Stable Diffusion 1.5's UNet, VAE and
+CLIP text encoder from their published configs with random weights (same shapes, same FLOPs), on
+the target device directly, so a GPU run does not spend its minutes initialising 1B parameters
+on the CPU. ``build_sd("tiny")`` is ``idgen.models.build_tiny_sd``.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from idgen.models import build_tiny_sd
+from idgen.models.tiny import SD15_SCHEDULER_CONFIG
+from idgen.models.tokenizer import build_tiny_clip_tokenizer
+
+Geometry = Literal["tiny", "sd15"]
+
+# stable-diffusion-v1-5/unet/config.json (diffusers layout), the fields that set its shapes.
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+# stable-diffusion-v1-5/vae/config.json
+SD15_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+# CLIP ViT-L/14's text tower (SD1.5's text encoder); the vocabulary is the tiny offline one,
+# which changes only the embedding table's row count, not the cost of a forward pass.
+SD15_TEXT = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+)
+
+
+def build_sd(
+    geometry: Geometry, device: str | torch.device = "cpu", seed: int = 0
+) -> StableDiffusionPipeline:
+    """A float32 ``StableDiffusionPipeline`` with random weights, built on ``device``.
+
+    ``"tiny"``: ``idgen.models.build_tiny_sd`` (64 px). ``"sd15"``: SD1.5's shapes (512 px,
+    860M-parameter UNet), built without any download.
+    """
+    if geometry == "tiny":
+        return build_tiny_sd(seed=seed, device=device)
+    if geometry != "sd15":
+        raise ValueError(f"geometry must be 'tiny' or 'sd15', got {geometry!r}")
+    tokenizer = build_tiny_clip_tokenizer()
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **SD15_TEXT,
+    )
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**SD15_UNET)
+        vae = AutoencoderKL(**SD15_VAE)
+        text_encoder = CLIPTextModel(text_config)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def native_resolution(sd: StableDiffusionPipeline) -> int:
+    """Pixels per side the UNet was configured for (64 tiny, 512 SD1.5)."""
+    return sd.unet.config.sample_size * 2 ** (len(sd.vae.config.block_out_channels) - 1)
+
+
+def is_cuda(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def sync(device: str | torch.device) -> None:
+    """Wait for queued device work, so that host clocks measure it."""
+    if is_cuda(device):
+        torch.cuda.synchronize()
+
+
+def reset_peak_memory(device: str | torch.device) -> None:
+    if is_cuda(device):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_mb(device: str | torch.device) -> float:
+    """CUDA: ``max_memory_allocated`` since the last reset. CPU: the process's peak RSS (a
+    high-water mark over the whole process, so only comparable between fresh processes)."""
+    if is_cuda(device):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn: Callable[[], object], device: str | torch.device) -> float:
+    """Seconds one call of ``fn`` takes, device work included."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start

@@ -1,0 +1,630 @@
+"""One prepared GPU check at SD1.5 scale: sampling, training, the CLIs and the GPU-gated tests.
+
+On the GPU machine (its environment lacks diffusers, hydra-core and omegaconf; the wheels that
+`make device-wheels` puts in benchmarks/wheels/ are installed from there when missing):
+
+    python3 benchmarks/device_check.py --out $OUT/device_check.json
+
+Here, on the CPU, the same code with tiny sizes in seconds (the test suite runs this):
+
+    python benchmarks/device_check.py --smoke --out outputs/device_check_smoke.json
+
+Sections, each in its own child process with its own share of a hard overall budget
+(``--budget-s``: default 420 s; 900 s with ``--smoke``, a ceiling for
+slow shared CPUs), so a slow or hung section is killed without eating the run;
+a section's rows are written as they are measured, so a killed section keeps what it finished:
+
+- ``sampling``: SD1.5-geometry random weights (built from configs, nothing downloaded), 512 px,
+  25 DPM-Solver++ steps, fp16 and bf16: ``InDomainPipeline`` (w_d = w_c = 3.5) and with
+  w_d = 0 vs diffusers' ``StableDiffusionPipeline`` CFG (g = 7.5) at batch 1 and 8: s/image,
+  peak memory, every output finite; then ``enable_model_cpu_offload`` against no offload.
+- ``training``: 512 px bf16 autocast, batch 4: null-text vs vanilla (text-conditioned)
+  fine-tuning steps/s and peak memory, with and without gradient checkpointing and latent
+  cache, fused AdamW, pre-SDPA attention; the largest batch that fits (doubling, then one
+  bisection step); a few fp16 steps (with loss scaling) stay finite.
+- ``cli``: ``idgen-train`` with ``trainer=gpu`` and with ``trainer=ddp trainer.devices=1`` (tiny
+  model, a few steps), then ``idgen-sample trainer=gpu dtype=float16 cpu_offload=true`` with the
+  domain model the first run exported.
+- ``tests``: ``pytest -m gpu tests/test_gpu.py`` (skipped without CUDA).
+
+Every figure is printed with a baseline measured in the same run and their ratio, as one table,
+and written as JSON. Exit status 0 when every section finished and every check passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+WHEELS = HERE / "wheels"
+# What the GPU machine lacks and the check imports (the wheel folder holds exactly these).
+DEVICE_MISSING = ("diffusers", "hydra", "omegaconf", "antlr4")
+SECTIONS = ("sampling", "training", "cli", "tests")
+# Share of the overall budget per section (the rest is start-up and the parent's own work).
+SHARES = {"sampling": 0.30, "training": 0.34, "cli": 0.18, "tests": 0.12}
+PROMPT = "a photo of a face"
+
+
+# ------------------------------------------------------------------------------ dependencies
+
+
+def install_wheels(wheels: Path, target: Path) -> list[str]:
+    """``pip install --no-index --no-deps --target target wheels/*.whl``; returns the wheel names.
+
+    What the device machine does with the carried folder: no registry, no dependency
+    resolution (everything else the check needs is already there).
+    """
+    files = sorted(wheels.glob("*.whl"))
+    if not files:
+        raise FileNotFoundError(
+            f"no wheels in {wheels}: run `make device-wheels` on a machine with registry access "
+            "and carry that folder to the GPU machine"
+        )
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
+    cmd += ["--no-cache-dir", "--upgrade", "--target", str(target), *map(str, files)]
+    subprocess.run(cmd, check=True)
+    return [f.name for f in files]
+
+
+def ensure_imports(wheels: Path) -> dict[str, Any]:
+    """Make diffusers/hydra/omegaconf and the repository importable, here and in children."""
+    paths = [str(REPO)]
+    installed: list[str] = []
+    missing = [m for m in DEVICE_MISSING if importlib.util.find_spec(m) is None]
+    if missing:
+        target = Path(tempfile.gettempdir()) / "idgen-device-site"
+        installed = install_wheels(wheels, target)
+        paths.insert(0, str(target))
+    for p in reversed(paths):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    # Child processes (sections, CLIs, pytest) see the same packages.
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([*paths, *([old] if old else [])])
+    return {"missing_before": missing, "installed_wheels": installed}
+
+
+# ------------------------------------------------------------------------------ recording
+
+
+class Recorder:
+    """Appends one JSON row per measurement to a file, flushed, so a killed section keeps them."""
+
+    def __init__(self, path: Path, section: str):
+        self.path, self.section = path, section
+
+    def row(
+        self,
+        name: str,
+        value: float | None,
+        unit: str,
+        baseline: str | None = None,
+        base_value: float | None = None,
+        ok: bool | None = None,
+        note: str = "",
+    ) -> None:
+        ratio = value / base_value if value is not None and base_value else None
+        row = dict(
+            section=self.section, name=name, value=value, unit=unit, baseline=baseline,
+            base_value=base_value, ratio=ratio, ok=ok, note=note,
+        )  # fmt: skip
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+
+class Budget:
+    """A section's deadline: work that cannot finish before it is skipped and said so."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def allows(self, seconds: float) -> bool:
+        return self.left() > seconds
+
+
+# ------------------------------------------------------------------------------ sections
+
+
+def sizes(smoke: bool) -> dict[str, Any]:
+    """Everything that differs between the GPU run and --smoke: sizes only, never code paths."""
+    if smoke:
+        return dict(
+            geometry="tiny", steps=2, batches=(1, 2), repeats=1, dtypes=("float16", "bfloat16"),
+            train_batch=2, train_steps=1, batch_cap=4, fp16_steps=2, cli_steps=2,
+        )  # fmt: skip
+    return dict(
+        geometry="sd15", steps=25, batches=(1, 8), repeats=2, dtypes=("float16", "bfloat16"),
+        train_batch=4, train_steps=5, batch_cap=256, fp16_steps=5, cli_steps=4,
+    )  # fmt: skip
+
+
+def section_sampling(rec: Recorder, budget: Budget, device: str, smoke: bool) -> bool:
+    import copy
+
+    import torch
+    from bench_common import build_sd, native_resolution, peak_memory_mb, reset_peak_memory, timed
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    from idgen.models import NullTextUNet
+    from idgen.pipelines import InDomainPipeline
+
+    s = sizes(smoke)
+    all_ok = True
+    for dtype_name in s["dtypes"]:
+        if not budget.allows(10):
+            rec.row(f"{dtype_name}: skipped", None, "", note="section budget spent")
+            all_ok = False
+            break
+        dtype = getattr(torch, dtype_name)
+        short = {"float16": "fp16", "bfloat16": "bf16"}[dtype_name]
+        sd = build_sd(s["geometry"], device)
+        ids = sd.tokenizer([PROMPT], padding="max_length", return_tensors="pt").input_ids
+        with torch.no_grad():
+            features = sd.text_encoder(ids.to(device))[0]
+        domain = NullTextUNet.from_unet(sd.unet, features).to(dtype=dtype)
+        sd.to(dtype=dtype)
+        scheduler = DPMSolverMultistepScheduler.from_config(sd.scheduler.config)
+        cfg = StableDiffusionPipeline(**{**sd.components, "scheduler": scheduler})
+        cfg.set_progress_bar_config(disable=True)
+        ours = InDomainPipeline.from_sd(sd, domain_unet=domain, scheduler=copy.deepcopy(scheduler))
+        px = native_resolution(sd)
+        common = dict(num_inference_steps=s["steps"], height=px, width=px, output_type="latent")
+        runs = _sampling_runs(cfg, ours, common)
+        base_name = "diffusers CFG g=7.5"
+        for batch in s["batches"]:
+            prompts = [PROMPT] * batch
+            # One call per configuration at this batch before the timed ones (allocator growth,
+            # kernel selection), then repeats interleaved so drift hits all alike.
+            est = sum(timed(partial(fn, prompts, 0), device) for fn in runs.values())
+            if not budget.allows(est * s["repeats"] + 5):
+                rec.row(f"{short} b{batch}: skipped", None, "", note="section budget spent")
+                all_ok = False
+                continue
+            times = {name: [] for name in runs}
+            peaks = {name: 0.0 for name in runs}
+            finite = {name: True for name in runs}
+            for r in range(s["repeats"]):
+                for name, fn in runs.items():
+                    reset_peak_memory(device)
+                    out: list[torch.Tensor] = []
+                    dt = timed(partial(_append, out, fn, prompts, r), device)
+                    times[name].append(dt / batch)
+                    peaks[name] = max(peaks[name], peak_memory_mb(device))
+                    latents = out[0]
+                    with torch.no_grad():  # the decoded images too: VAE overflow shows here
+                        image = sd.vae.decode(latents[:1] / sd.vae.config.scaling_factor).sample
+                    finite[name] &= bool(
+                        torch.isfinite(latents).all() and torch.isfinite(image).all()
+                    )
+            med = {name: sorted(v)[len(v) // 2] for name, v in times.items()}
+            on_gpu = device.startswith("cuda")
+            for name in runs:
+                tag = f"{short} b{batch} {px}px {s['steps']} steps"
+                is_base = name == base_name
+                rec.row(
+                    f"{tag}: {name}", med[name], "s/image",
+                    None if is_base else base_name, None if is_base else med[base_name],
+                )  # fmt: skip
+                if on_gpu:
+                    rec.row(
+                        f"{tag}: {name} peak memory", peaks[name], "MiB",
+                        None if is_base else base_name, None if is_base else peaks[base_name],
+                    )  # fmt: skip
+                rec.row(f"{tag}: {name} finite", float(finite[name]), "bool", ok=finite[name])
+                all_ok &= finite[name]
+        if dtype_name == s["dtypes"][0]:
+            all_ok &= _offload(rec, budget, device, ours, common, short)
+        cfg = ours = sd = domain = runs = None  # free before the next dtype's models
+        reset_peak_memory(device)
+    return all_ok
+
+
+def _sampling_runs(cfg, ours, common: dict) -> dict[str, Callable[[list[str], int], Any]]:
+    """The compared samplers as ``fn(prompts, seed) -> output``; the first is the baseline."""
+    import torch
+
+    gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    return {
+        "diffusers CFG g=7.5": lambda p, seed: cfg(
+            p, guidance_scale=7.5, generator=gen(seed), **common
+        ),
+        "ours w_d=w_c=3.5": lambda p, seed: ours(
+            p, w_d=3.5, w_c=3.5, generator=gen(seed), **common
+        ),
+        "ours w_d=0 w_c=7.5": lambda p, seed: ours(
+            p, w_d=0.0, w_c=7.5, generator=gen(seed), **common
+        ),
+    }
+
+
+def _append(out: list, fn: Callable[[list[str], int], Any], prompts: list[str], seed: int) -> None:
+    out.append(fn(prompts, seed).images)
+
+
+def _offload(rec: Recorder, budget: Budget, device: str, ours, common: dict, short: str) -> bool:
+    """``enable_model_cpu_offload`` vs the same pipeline fully on the GPU (batch 1)."""
+    import torch
+    from bench_common import peak_memory_mb, reset_peak_memory, timed
+
+    name = f"{short} b1 cpu_offload: ours w_d=w_c=3.5"
+    if not device.startswith("cuda"):
+        rec.row(name, None, "", note="skipped: offload needs an accelerator")
+        return True
+    if not budget.allows(20):
+        rec.row(name, None, "", note="section budget spent")
+        return False
+
+    def run():
+        return ours(PROMPT, w_d=3.5, w_c=3.5, generator=torch.Generator().manual_seed(0), **common)
+
+    reset_peak_memory(device)
+    on_gpu_s = timed(run, device)
+    on_gpu_mb = peak_memory_mb(device)
+    ours.enable_model_cpu_offload(device=device)
+    reset_peak_memory(device)
+    out: list[Any] = []
+    off_s = timed(lambda: out.append(run().images), device)
+    off_mb = peak_memory_mb(device)
+    ok = bool(torch.isfinite(out[0]).all())
+    rec.row(name, off_s, "s/image", "no offload", on_gpu_s, ok=ok)
+    rec.row(f"{name} peak memory", off_mb, "MiB", "no offload", on_gpu_mb)
+    return ok
+
+
+def section_training(rec: Recorder, budget: Budget, device: str, smoke: bool) -> bool:
+    from bench_common import peak_memory_mb, reset_peak_memory, timed
+    from bench_train import TrainSetup
+
+    s = sizes(smoke)
+    geometry, batch = s["geometry"], s["train_batch"]
+    # Each option is compared with the same kind without it; null-text with vanilla.
+    configs = {
+        "vanilla": None,
+        "null-text": "vanilla",
+        "vanilla+cache": "vanilla",
+        "null-text+cache": "null-text",
+        "vanilla+gc": "vanilla",
+        "null-text+gc": "null-text",
+        "null-text+fused": "null-text",
+        "null-text+classic": "null-text",
+    }
+    speed: dict[str, float] = {}
+    memory: dict[str, float] = {}
+    on_gpu = device.startswith("cuda")
+    all_ok = True
+    for name, base in configs.items():
+        if not budget.allows(15):
+            rec.row(f"bf16 b{batch}: {name}", None, "", note="section budget spent")
+            all_ok = False
+            continue
+        reset_peak_memory(device)
+        setup = TrainSetup(name, geometry, device, "bf16", batch)
+        for _ in range(2):
+            setup.step()
+        dt = timed(lambda setup=setup: [setup.step() for _ in range(s["train_steps"])], device)
+        speed[name] = s["train_steps"] / dt
+        memory[name] = peak_memory_mb(device)
+        finite = setup.params_finite()
+        all_ok &= finite
+        tag = f"bf16 b{batch} {setup.resolution}px: {name}"
+        rec.row(f"{tag} steps/s", speed[name], "steps/s", base, speed.get(base), ok=finite)
+        if on_gpu:
+            rec.row(f"{tag} peak memory", memory[name], "MiB", base, memory.get(base))
+        del setup
+    reset_peak_memory(device)
+
+    # Largest batch that fits: doubling until out of memory (or the cap), then one bisection.
+    largest: dict[str, int] = {}
+    for name in ("vanilla", "null-text", "null-text+gc"):
+        if not budget.allows(30):
+            rec.row(f"bf16 largest batch: {name}", None, "", note="section budget spent")
+            break
+        reset_peak_memory(device)
+        setup = TrainSetup(name, geometry, device, "bf16", batch)
+        fits, fails, rate, peak = 0, None, 0.0, 0.0
+        trial = batch
+        while trial <= s["batch_cap"] and budget.allows(20):
+            ok, step_s = _try_batch(setup, trial, device)
+            if not ok:
+                fails = trial
+                break
+            fits, rate, peak = trial, trial / step_s, peak_memory_mb(device)
+            trial *= 2
+        if fails is not None and fails - fits > 1 and budget.allows(20):
+            mid = (fits + fails) // 2
+            ok, step_s = _try_batch(setup, mid, device)
+            if ok:
+                fits, rate, peak = mid, mid / step_s, peak_memory_mb(device)
+        largest[name] = fits
+        base = None if name == "vanilla" else "vanilla"
+        note = f"first failure at {fails}" if fails else f"cap {s['batch_cap']} reached"
+        rec.row(f"bf16 largest batch: {name}", fits, "images", base, largest.get(base), note=note)
+        rec.row(f"bf16 batch {fits}: {name} throughput", rate, "images/s")
+        if on_gpu:
+            rec.row(f"bf16 batch {fits}: {name} peak memory", peak, "MiB")
+        del setup
+        reset_peak_memory(device)
+
+    # fp16 autocast with loss scaling: a few steps stay finite.
+    if budget.allows(15):
+        setup = TrainSetup("null-text", geometry, device, "fp16", batch)
+        losses = [float(setup.step()) for _ in range(s["fp16_steps"])]
+        finite = all(map(lambda x: x == x and abs(x) != float("inf"), losses))
+        finite &= setup.params_finite()
+        all_ok &= finite
+        rec.row(
+            f"fp16 b{batch} null-text {len(losses)} steps finite", float(finite), "bool", ok=finite
+        )
+        del setup
+    else:
+        rec.row("fp16 steps finite", None, "", note="section budget spent")
+        all_ok = False
+    return all_ok
+
+
+def _try_batch(setup, batch: int, device: str) -> tuple[bool, float]:
+    """Two steps at ``batch``: (fits, seconds per step of the second)."""
+    import torch
+    from bench_common import reset_peak_memory, timed
+
+    try:
+        setup.set_batch(batch)
+        reset_peak_memory(device)
+        setup.step()
+        return True, timed(setup.step, device)
+    except torch.OutOfMemoryError:
+        setup.optimizer.zero_grad(set_to_none=True)
+        setup.pixels = setup.latents = None
+        reset_peak_memory(device)
+        return False, 0.0
+
+
+def section_cli(rec: Recorder, budget: Budget, device: str, smoke: bool) -> bool:
+    """The real CLIs on the tiny model: a few steps with the GPU trainer configs."""
+    s = sizes(smoke)
+    work = Path(tempfile.mkdtemp(prefix="idgen-device-cli-"))
+    gpu = device.startswith("cuda")
+    train_common = [
+        "experiment=demo", f"paths.root_dir={work}", "data.num_images=16", "data.batch_size=4",
+        "inversion_steps=2", f"trainer.max_steps={s['cli_steps']}", "preview.num_inference_steps=2",
+        "module.val_every_n_steps=1000", "trainer.log_every_n_steps=1",
+    ]  # fmt: skip
+    runs = [
+        ("idgen-train trainer=gpu", "idgen.train", "train_gpu",
+         ["trainer=gpu"] if gpu else ["trainer=cpu"]),
+        ("idgen-train trainer=ddp devices=1", "idgen.train", "train_ddp",
+         ["trainer=ddp", "trainer.devices=1"] if gpu else ["trainer=ddp_sim", "trainer.devices=1"]),
+    ]  # fmt: skip
+    all_ok = True
+    for label, module, run_dir, trainer in runs:
+        all_ok &= _run_cli(rec, budget, label, module, work / run_dir, [*trainer, *train_common])
+    domain = work / "train_gpu" / "domain_model"
+    sample = [
+        f"domain_model={domain}", f"paths.root_dir={work}", "sampler.num_inference_steps=4",
+        "images_per_prompt=2", "batch_size=2", "cpu_offload=true",
+        *(["trainer=gpu", "dtype=float16"] if gpu else ["trainer=cpu"]),
+    ]  # fmt: skip
+    ok = _run_cli(
+        rec, budget, "idgen-sample cpu_offload=true", "idgen.sample", work / "sample", sample
+    )
+    if ok:
+        pngs = list((work / "sample" / "samples").glob("*.png"))
+        ok = len(pngs) == 4
+        rec.row("idgen-sample images written", len(pngs), "images", ok=ok)
+    all_ok &= ok
+    shutil.rmtree(work, ignore_errors=True)
+    return all_ok
+
+
+def _run_cli(rec: Recorder, budget: Budget, label: str, module: str, run_dir: Path, overrides: list[str]) -> bool:  # fmt: skip
+    if not budget.allows(10):
+        rec.row(label, None, "s", note="section budget spent")
+        return False
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "-m", module, f"hydra.run.dir={run_dir}", *overrides]
+    start = time.time()
+    try:
+        proc = subprocess.run(
+            cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True,
+            timeout=max(budget.left() - 5, 1),
+        )  # fmt: skip
+        ok, tail = proc.returncode == 0, (proc.stderr or proc.stdout)[-1500:]
+    except subprocess.TimeoutExpired:
+        ok, tail = False, "timed out"
+    rec.row(label, time.time() - start, "s", ok=ok, note="" if ok else tail)
+    return ok
+
+
+def section_tests(rec: Recorder, budget: Budget, device: str, smoke: bool) -> bool:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]
+    cmd += [str(p) for p in sorted((REPO / "tests").glob("test_gpu*.py"))]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    start = time.time()
+    try:
+        proc = subprocess.run(
+            cmd, cwd=REPO, env=env, capture_output=True, text=True,
+            timeout=max(budget.left() - 2, 1),
+        )  # fmt: skip
+        out, rc = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        out, rc = f"{e.stdout or ''}timed out", -1
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", out)}
+    ok = rc == 0 and counts.get("failed", 0) == 0 and counts.get("error", 0) == 0
+    note = "" if ok else out[-1500:]
+    rec.row("pytest -m gpu: passed", counts.get("passed", 0), "tests", ok=ok, note=note)
+    rec.row("pytest -m gpu: skipped", counts.get("skipped", 0), "tests")
+    rec.row("pytest -m gpu", time.time() - start, "s", ok=ok)
+    return ok
+
+
+SECTION_FUNCS = {
+    "sampling": section_sampling,
+    "training": section_training,
+    "cli": section_cli,
+    "tests": section_tests,
+}
+
+
+# ------------------------------------------------------------------------------ parent
+
+
+def environment(device: str) -> dict[str, Any]:
+    import torch
+
+    env: dict[str, Any] = dict(
+        python=platform.python_version(), torch=torch.__version__, device=device,
+        cuda=torch.version.cuda, cpu_threads=torch.get_num_threads(),
+    )  # fmt: skip
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(0)
+        env.update(
+            gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            capability=f"{props.major}.{props.minor}", bf16=torch.cuda.is_bf16_supported(),
+        )  # fmt: skip
+    for pkg in ("diffusers", "transformers", "lightning", "hydra", "peft"):
+        try:
+            env[pkg] = __import__(pkg).__version__
+        except Exception as e:  # noqa: BLE001 - recorded, not fatal
+            env[pkg] = f"unavailable ({type(e).__name__})"
+    return env
+
+
+def run_section(name: str, args: argparse.Namespace, rows_file: Path, seconds: float) -> dict:
+    """One section in a child process, killed at ``seconds``; its rows survive a kill."""
+    cmd = [sys.executable, __file__, "--section", name, "--rows-file", str(rows_file)]
+    cmd += ["--deadline", str(time.time() + seconds - 3), "--device", args.device]
+    cmd += ["--smoke"] if args.smoke else []
+    start = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds)
+        status = {0: "ok", 3: "checks failed"}.get(proc.returncode, f"error rc={proc.returncode}")
+        tail = "" if proc.returncode == 0 else (proc.stderr or proc.stdout)[-2000:]
+    except subprocess.TimeoutExpired:
+        status, tail = "timed out (killed)", ""
+    return dict(status=status, seconds=round(time.time() - start, 1), log_tail=tail)
+
+
+def fmt(x: float | None, unit: str) -> str:
+    if x is None:
+        return "-"
+    if unit == "bool":
+        return "yes" if x else "NO"
+    return f"{x:.4g} {unit}" if abs(x) < 1e5 else f"{x:.3e} {unit}"
+
+
+def print_table(env: dict, sections: dict, rows: list[dict]) -> None:
+    print()
+    print("device check: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    width = max([len(r["name"]) for r in rows] + [20])
+    print(
+        f"{'section':<9} {'measurement':<{width}} {'value':>16} {'baseline (same run)':>34} {'ratio':>7}"
+    )
+    for r in rows:
+        base = f"{r['baseline']}: {fmt(r['base_value'], r['unit'])}" if r["baseline"] else ""
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else ""
+        flag = "  FAILED" if r["ok"] is False else ""
+        note = (
+            f"  ({r['note'].splitlines()[-1][:80]})" if r["note"] and r["ok"] is not False else ""
+        )
+        print(
+            f"{r['section']:<9} {r['name']:<{width}} {fmt(r['value'], r['unit']):>16} "
+            f"{base:>34} {ratio:>7}{flag}{note}"
+        )
+    print(
+        "sections: "
+        + ", ".join(f"{k} {v['status']} ({v['seconds']} s)" for k, v in sections.items())
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, seconds")
+    parser.add_argument("--budget-s", type=float, default=None, help="hard overall limit")
+    parser.add_argument("--out", default=None, help="JSON results (default outputs/...)")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    parser.add_argument("--wheels", default=str(WHEELS), help="wheel folder for missing packages")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--rows-file", help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    started = time.time()
+    deps = ensure_imports(Path(args.wheels))
+    sys.path.insert(0, str(HERE))  # bench_common, bench_train
+    import torch
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    if args.section:  # child: one section
+        rec = Recorder(Path(args.rows_file), args.section)
+        try:
+            ok = SECTION_FUNCS[args.section](rec, Budget(args.deadline), args.device, args.smoke)
+        except Exception:
+            traceback.print_exc()
+            rec.row("section crashed", None, "", ok=False, note=traceback.format_exc()[-1500:])
+            return 1
+        return 0 if ok else 3
+
+    if not args.smoke and not args.device.startswith("cuda"):
+        print("no CUDA device: run with --smoke on a CPU", file=sys.stderr)
+        return 2
+    budget = args.budget_s or (900.0 if args.smoke else 420.0)
+    out = Path(args.out or REPO / "outputs" / f"device_check{'_smoke' if args.smoke else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = {
+        **environment(args.device),
+        **({"wheels": deps["installed_wheels"]} if deps["installed_wheels"] else {}),
+    }
+    rows: list[dict] = []
+    sections: dict[str, dict] = {}
+    work = Path(tempfile.mkdtemp(prefix="idgen-device-check-"))
+    share_total = sum(SHARES[n] for n in args.sections)
+    for name in args.sections:
+        left = budget - (time.time() - started)
+        seconds = min(budget * SHARES[name] / share_total, left)
+        if seconds < 5:
+            sections[name] = dict(status="skipped: overall budget spent", seconds=0, log_tail="")
+            continue
+        rows_file = work / f"{name}.jsonl"
+        sections[name] = run_section(name, args, rows_file, seconds)
+        if rows_file.exists():
+            rows += [json.loads(line) for line in rows_file.read_text().splitlines() if line]
+        print(f"[{time.time() - started:6.1f} s] {name}: {sections[name]['status']}", flush=True)
+        if sections[name]["log_tail"] and sections[name]["status"] != "ok":
+            print(sections[name]["log_tail"], file=sys.stderr)
+    shutil.rmtree(work, ignore_errors=True)
+    result = dict(env=env, smoke=args.smoke, budget_s=budget, seconds=round(time.time() - started, 1),
+                  sections=sections, rows=rows)  # fmt: skip
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2, allow_nan=False))
+    tmp.replace(out)
+    print_table(env, sections, rows)
+    print(f"wrote {out} in {result['seconds']} s")
+    ok = all(v["status"] == "ok" for v in sections.values()) and all(
+        r["ok"] is not False for r in rows
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
