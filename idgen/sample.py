@@ -1,4 +1,4 @@
-"""idgen-sample: guidance-decoupled sampling through ``Trainer.predict`` (N devices split the work).
+"""idgen-sample: ``trainer.predict`` with the DecoupledGuidanceSampling callback (N devices split the work).
 
     idgen-sample domain_model=<exported domain model> sampler=decoupled prompts='[a photo of a face]'
     idgen-sample trainer=ddp trainer.devices=8 prompt_file=prompts.txt images_per_prompt=100
@@ -19,20 +19,18 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
 from idgen import CONFIG_DIR
 from idgen.callbacks.log_media import finish_loggers, instantiate_loggers
-from idgen.callbacks.sample_writer import SampleWriter
-from idgen.modules.sampler_module import (
-    PromptGrid,
-    SamplerModule,
+from idgen.sampling import (
+    DecoupledGuidanceSampling,
+    DomainModel,
+    PromptsDataModule,
     SamplerSettings,
-    collate,
-    params_hash,
     read_prompts,
 )
 from idgen.utils.io import atomic_write_text
+from idgen.utils.validation import cli_errors, validate_sample
 
 log = logging.getLogger(__name__)
 
@@ -57,66 +55,51 @@ def model_ids(cfg: DictConfig, settings: SamplerSettings) -> dict[str, Any]:
 
 def sample(cfg: DictConfig) -> dict[str, Any]:
     """Sample every (prompt, image) not yet on disk; returns a summary (for callers and tests)."""
+    validate_sample(cfg)  # names, finite weights, prompts, model folders: before any model loads
     output_dir = Path(cfg.paths.output_dir)
     settings: SamplerSettings = instantiate(cfg.sampler)
     prompts = read_prompts(cfg.prompts, cfg.prompt_file)
-    if cfg.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
 
-    # 1. What decides the images; its hash is stored in each PNG and checked on rerun.
-    params = {
-        "sampler": settings.to_dict(),
-        "model_ids": model_ids(cfg, settings),
-        "resolution": cfg.resolution,
-        "base_seed": int(cfg.seed),
-    }
-    digest = params_hash(params)
-    params["batch_size"] = int(cfg.batch_size)  # recorded, not hashed (see SamplerModule)
-
-    # 2. Writer, dataset (prompt x image index) and the predict-time module.
-    writer = SampleWriter(
-        out_dir=output_dir,
-        prompts=prompts,
-        images_per_prompt=cfg.images_per_prompt,
-        params=params,
-        params_hash=digest,
-        seed=cfg.seed,
-        images_subdir=cfg.images_subdir,
-        grids=cfg.grids,
-    )
-    dataset = PromptGrid(prompts, cfg.images_per_prompt, cfg.seed, is_done=writer.is_done)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate)
-    module = SamplerModule(
-        sd_loader=instantiate(cfg.model),
+    # 1. The plan (prompts x seeds), the module holding the domain model, and the callback
+    #    holding the frozen SD and the guidance: trainer.predict(module, datamodule, callbacks).
+    data = PromptsDataModule(prompts, cfg.images_per_prompt, cfg.seed, cfg.batch_size)
+    module = DomainModel(cfg.domain_model)
+    sampling = DecoupledGuidanceSampling(
+        sd=instantiate(cfg.model),
         settings=settings,
-        domain_model=cfg.domain_model,
-        baseline_model=cfg.get("baseline_model"),
+        out_dir=output_dir,
         batch_size=cfg.batch_size,
         resolution=cfg.resolution,
         dtype=cfg.dtype,
         cpu_offload=cfg.cpu_offload,
+        baseline_model=cfg.get("baseline_model"),
+        model_ids=model_ids(cfg, settings),
+        images_subdir=cfg.images_subdir,
+        grids=cfg.grids,
     )
 
-    # 3. Predict: Lightning shards the indices over devices; the writer saves each batch.
+    # 2. Predict: Lightning shards the indices over devices; the callback samples and writes.
     # Loggers (optional) get the grids with captions and the per-step guidance trace.
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=[writer], logger=loggers or False, enable_checkpointing=False
+        cfg.trainer, callbacks=[sampling], logger=loggers or False, enable_checkpointing=False
     )
     if rank_zero_only.rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         # The hydra node is present only when composed with return_hydra_config (tests).
         plain = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
         atomic_write_text(output_dir / "sample_config.yaml", OmegaConf.to_yaml(plain, resolve=True))
-    trainer.predict(module, dataloaders=loader, return_predictions=False)
+    trainer.predict(module, datamodule=data, return_predictions=False)
     if rank_zero_only.rank == 0:
         finish_loggers(loggers)
-    done = sum(writer.is_done(i) for i in range(len(dataset)))
-    log.info("sample: %d/%d images in %s", done, len(dataset), writer.images_dir)
-    return {"num_images": done, "total": len(dataset), "images_dir": str(writer.images_dir)}
+    writer = sampling.writer
+    done = sum(writer.is_done(i) for i in range(len(data.plan)))
+    log.info("sample: %d/%d images in %s", done, len(data.plan), writer.images_dir)
+    return {"num_images": done, "total": len(data.plan), "images_dir": str(writer.images_dir)}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample.yaml")
+@cli_errors
 def main(cfg: DictConfig) -> None:
     sample(cfg)
 

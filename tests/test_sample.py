@@ -14,10 +14,16 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from idgen.callbacks.sample_writer import HASH_KEY, PARAMS_KEY
 from idgen.models import NullTextUNet, build_tiny_sd
-from idgen.modules.sampler_module import PromptGrid, SamplerSettings, image_seed, read_prompts
 from idgen.sample import sample
+from idgen.sampling import (
+    HASH_KEY,
+    PARAMS_KEY,
+    PromptGrid,
+    SamplerSettings,
+    image_seed,
+    read_prompts,
+)
 from tests.conftest import compose_config
 
 REPO = Path(__file__).resolve().parent.parent

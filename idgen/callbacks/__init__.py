@@ -1,1 +1,1 @@
-"""Lightning callbacks: predict-time sample writer (idgen-sample)."""
+"""Lightning and logger glue shared by training and sampling (media logging helpers)."""

@@ -16,13 +16,13 @@ from idgen.models.null_text_unet import NullTextUNet
 from idgen.modules.base import DiffusionTrainingModule, OptimizerFactory, SchedulerFactory
 from idgen.modules.ema import EMA
 from idgen.modules.export import export_domain_model
-from idgen.modules.sampling import make_grid, sample_domain_model, to_pil
 from idgen.modules.sd_parts import (
     encode_prompt,
     freeze,
     load_text_features,
     parse_dtype,
 )
+from idgen.sampling.domain_only import make_grid, sample_domain_model, to_pil
 from idgen.utils.io import save_image_atomic
 
 
@@ -209,6 +209,10 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
         self._last_seen_step = step
         if self.val_every_n_steps and step % self.val_every_n_steps == 0:
             self.validation_grid(step)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+        """Passes prompt-plan items through: ``DecoupledGuidanceSampling`` samples at predict time."""
+        return batch
 
     # --- validation grid --------------------------------------------------------------------
     def resolve_output_dir(self) -> Path:

@@ -1,18 +1,19 @@
 """InDomainPipeline: guidance-decoupled multi-guidance sampling on a frozen SD1.5 (paper §3.2, §3.4).
 
-    eps = eps_sd(z_t, "") + w_d (eps_d(z_t) - eps_sd(z_t, "")) + w_c (eps_c(z_t, c) - eps_sd(z_t, ""))
-        + sum_i w_i (eps_i(z_t, c_i) - eps_sd(z_t, ""))
+    eps = eps_sd(z_t, "") + sum_i w_i (eps_i(z_t, c_i) - eps_sd(z_t, ""))        (paper Eq. 3)
 
-which equals the paper's ``(1 - w_d - w_c) eps_sd + w_d eps_d + w_c eps_c`` and, with ``w_d = 0``,
-classifier-free guidance with scale ``w_c``.
+over a list of :class:`GuidanceTerm`: ``w_d`` (domain model) and ``w_c`` (frozen SD with the
+prompt, optionally with ControlNet) are two of them; with ``w_d = 0`` this is classifier-free
+guidance with scale ``w_c``, as in diffusers. The mixing and per-term state live in
+:class:`idgen.guidance.Guider`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import diffusers
@@ -25,16 +26,30 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     UNet2DConditionModel,
 )
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.configuration_utils import FrozenDict
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from idgen.guidance import GuidanceTerm, auto_weight, is_active, multi_guidance
+from idgen.guidance import CONTROL, GuidanceTerm, Guider, decoupled_terms, is_active
 from idgen.pipelines.controlnet_residuals import Chunk, Control, chunk_residuals, split_multi
 
 WeightMode = Literal["auto", "fixed"]
+UNCOND = "uncond"  # the frozen SD's unconditional prediction eps_sd(z, "")
+_WEIGHT_ARGS = {"domain": "w_d", CONTROL: "w_c"}  # error messages name the call's arguments
+
+# Written beside a saved pipeline so that plain diffusers finds the class:
+# DiffusionPipeline.from_pretrained(folder, custom_pipeline=<folder>/pipeline.py, trust_remote_code=True)
+PIPELINE_FILE = "pipeline.py"
+_PIPELINE_SHIM = '''"""idgen's InDomainPipeline, for DiffusionPipeline.from_pretrained(custom_pipeline=...)."""
+
+from idgen.pipelines.in_domain import InDomainPipeline
+
+__all__ = ["InDomainPipeline"]
+'''
 
 
 @dataclass
@@ -46,21 +61,35 @@ class InDomainPipelineOutput(BaseOutput):
 
 
 @dataclass
-class _Term:
-    """A guidance term resolved for one call: what to run and how to weigh it."""
+class _Run:
+    """What one term needs at run time: its model (None: the frozen SD), text rows, ControlNets."""
 
-    name: str
-    kind: Literal["sd", "domain", "model"]
-    weight: float | Literal["auto"]
-    start: float = 0.0
-    end: float = 1.0
-    embeds: torch.Tensor | None = None
-    model: Any = None
-    controls: list[Control] | None = None
+    model: Any
+    embeds: torch.Tensor | None
+    controls: list[Control] = field(default_factory=list)
 
 
 def _accepts_text(model: Any) -> bool:
     return "encoder_hidden_states" in inspect.signature(model.forward).parameters
+
+
+def fix_scheduler_config(scheduler: Any) -> Any:
+    """The corrections ``StableDiffusionPipeline.__init__`` makes to old SD scheduler configs.
+
+    ``steps_offset`` is set to 1 and ``clip_sample`` to False (SD1.x checkpoints saved before
+    these keys existed give different images otherwise, e.g. DDIM with its default
+    ``clip_sample=True``). The scheduler is changed in place, as diffusers does.
+    """
+    if scheduler is None:
+        return scheduler
+    config = dict(scheduler.config)
+    if config.get("steps_offset", 1) != 1:
+        config["steps_offset"] = 1
+    if config.get("clip_sample", False) is True:
+        config["clip_sample"] = False
+    if config != dict(scheduler.config):
+        scheduler._internal_dict = FrozenDict(config)
+    return scheduler
 
 
 def make_scheduler(config: Any, name: str = "dpm++") -> Any:
@@ -81,12 +110,23 @@ class InDomainPipeline(DiffusionPipeline):
 
     Components: ``vae, text_encoder, tokenizer, unet`` (frozen SD), ``scheduler``, ``domain_unet``
     (a text-free model called as ``domain_unet(latents, t).sample``, e.g. ``NullTextUNet``;
-    optional) and ``controlnet`` (one ControlNet or a list; optional).
+    optional) and ``controlnet`` (one ControlNet or a list; optional). Like
+    ``StableDiffusionPipeline`` it corrects old scheduler configs (``steps_offset``,
+    ``clip_sample``), and has ``enable_vae_slicing`` / ``enable_vae_tiling`` and ``from_pipe``
+    (``InDomainPipeline.from_pipe(sd_pipe, domain_unet=...)`` shares ``sd_pipe``'s models).
     """
 
     model_cpu_offload_seq = "text_encoder->controlnet->unet->domain_unet->vae"
     _optional_components = ["domain_unet", "controlnet"]
-    _callback_tensor_inputs = ["latents"]
+    # What callback_on_step_end may ask for: the latents (may be replaced), the mixed prediction,
+    # eps_sd(z, ""), this step's fresh term predictions and the weights of the active terms.
+    _callback_tensor_inputs = [
+        "latents",
+        "noise_pred",
+        "eps_uncond",
+        "guidance_preds",
+        "guidance_weights",
+    ]
 
     def __init__(
         self,
@@ -99,6 +139,7 @@ class InDomainPipeline(DiffusionPipeline):
         controlnet: Any = None,
     ):
         super().__init__()
+        fix_scheduler_config(scheduler)
         if isinstance(controlnet, list | tuple):
             controlnet = MultiControlNetModel(controlnet)
         self.register_modules(
@@ -138,6 +179,29 @@ class InDomainPipeline(DiffusionPipeline):
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    # ----------------------------------------------------------------------------- diffusers helpers
+
+    def enable_vae_slicing(self) -> None:
+        """Decode one image at a time (less memory for large batches; same images)."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self) -> None:
+        """Decode in overlapping tiles (large resolutions in bounded memory; blended seams)."""
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self.vae.disable_tiling()
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """diffusers' ``save_pretrained`` plus ``pipeline.py``, so that plain diffusers loads it:
+        ``DiffusionPipeline.from_pretrained(d, custom_pipeline=f"{d}/pipeline.py", trust_remote_code=True)``.
+        """
+        super().save_pretrained(save_directory, *args, **kwargs)
+        (Path(save_directory) / PIPELINE_FILE).write_text(_PIPELINE_SHIM, encoding="utf-8")
 
     # ----------------------------------------------------------------------------- helpers
 
@@ -179,20 +243,14 @@ class InDomainPipeline(DiffusionPipeline):
         img = img.repeat_interleave(batch * n if img.shape[0] == 1 else n, dim=0)
         return img.to(device=device)
 
-    def _pipeline_controls(self, control_image, scale, height, width, batch, n, device):
-        if control_image is None:
-            return []
-        if self.controlnet is None:
-            raise ValueError(
-                "control_image was given but the pipeline has no controlnet; build it with "
-                "controlnet=ControlNetModel(...) or drop control_image."
-            )
-        multi = isinstance(self.controlnet, MultiControlNetModel)
-        images = control_image if multi else [control_image]
-        count = len(self.controlnet.nets) if multi else 1
+    def _controls(self, controlnet, image, scale, height, width, batch, n, device) -> list[Control]:
+        """One :class:`Control` per net of ``controlnet`` (one net or a MultiControlNetModel)."""
+        multi = isinstance(controlnet, MultiControlNetModel)
+        images = image if multi else [image]
+        count = len(controlnet.nets) if multi else 1
         scales = list(scale) if isinstance(scale, list | tuple) else [float(scale)] * count
         images = [self._control_images(im, height, width, batch, n, device) for im in images]
-        return split_multi(self.controlnet, images, scales)
+        return split_multi(controlnet, images, scales)
 
     def _sdedit_latents(self, image, timestep, rows, dtype, device, generator):
         """diffusers' img2img ``prepare_latents``: encode, repeat per image, noise to ``timestep``."""
@@ -237,85 +295,104 @@ class InDomainPipeline(DiffusionPipeline):
             self.scheduler.set_begin_index(t_start * self.scheduler.order)
         return timesteps
 
-    def _resolve_terms(
+    def _guidance_terms(
         self,
-        prompt: str | list[str] | None,
-        prompt_embeds: torch.Tensor | None,
+        guidance: Sequence[GuidanceTerm] | None,
         w_d: float | None,
         w_c: float | None,
+        domain_interval: Sequence[float],
+        control_interval: Sequence[float],
+        extra_guidance: Sequence[GuidanceTerm],
         weights: WeightMode,
+    ) -> list[GuidanceTerm]:
+        """The call's one list of terms, named, unique, with weight-0 terms dropped."""
+        if guidance is None:
+            if w_d is None and self.domain_unet is None:
+                w_d = 0.0  # no domain model: the automatic domain term is simply absent
+            # unnamed extra terms are named by their position in extra_guidance
+            extra = [
+                g if g.name else replace(g, name=f"extra_{i}") for i, g in enumerate(extra_guidance)
+            ]
+            guidance = [*decoupled_terms(w_d, w_c, domain_interval, control_interval), *extra]
+        elif (w_d, w_c, list(extra_guidance)) != (None, None, []):
+            raise ValueError(
+                "give the guidance terms either as guidance=[...] or as w_d / w_c / "
+                "extra_guidance, not both"
+            )
+        terms: list[GuidanceTerm] = []
+        for i, g in enumerate(guidance):
+            if not g.name:
+                g = replace(g, name=f"extra_{i}")
+            if any(t.name == g.name for t in terms):
+                raise ValueError(
+                    f"guidance term name '{g.name}' is used twice; names must be unique"
+                )
+            label = _WEIGHT_ARGS.get(g.name, f"GuidanceTerm '{g.name}'")
+            if isinstance(g.model, str) and getattr(self, g.model, None) is None:
+                raise ValueError(
+                    f"{label}: the pipeline has no {g.model}; pass {g.model}=... when building "
+                    f"it (e.g. domain_unet=NullTextUNet...) or set {label}=0 / None."
+                )
+            if g.weight == 0:
+                continue
+            if weights == "fixed" and g.weight == "auto":
+                raise ValueError(f"weights='fixed' needs a number for {label} (got 'auto')")
+            is_active(0, 1, g.start, g.end)  # raises on a malformed interval, naming it
+            terms.append(g)
+        return terms
+
+    def _run_inputs(
+        self,
+        term: GuidanceTerm,
+        prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor,
         controls: list[Control],
-        extra_guidance: list[GuidanceTerm],
         batch: int,
         n: int,
         height: int,
         width: int,
         device,
-    ) -> list[_Term]:
-        def spec(w: float | None, name: str) -> float | Literal["auto"]:
-            if w is None:
-                if weights == "fixed":
-                    raise ValueError(f"weights='fixed' needs a number for {name}")
-                return "auto"
-            return float(w)
-
-        terms: list[_Term] = []
-        if self.domain_unet is not None and w_d != 0:
-            terms.append(_Term("domain", "domain", spec(w_d, "w_d"), model=self.domain_unet))
-        elif self.domain_unet is None and w_d not in (None, 0):
-            raise ValueError(
-                f"w_d={w_d} but the pipeline has no domain_unet; pass domain_unet=NullTextUNet... "
-                "or set w_d=0 / None."
-            )
-        if w_c != 0:
-            terms.append(
-                _Term("control", "sd", spec(w_c, "w_c"), embeds=prompt_embeds, controls=controls)
-            )
-        for i, g in enumerate(extra_guidance):
-            if not g.name:
-                g = dataclasses.replace(g, name=f"extra_{i}")
-            if any(t.name == g.name for t in terms):
+    ) -> _Run:
+        """Resolve a term's model, text rows and ControlNets for this call."""
+        model = getattr(self, term.model) if isinstance(term.model, str) else term.model
+        embeds = None
+        if model is None or _accepts_text(model):
+            if term.prompt_embeds is not None:
+                embeds = self._per_image(term.prompt_embeds.to(device), batch, n)
+            elif term.prompt is not None:
+                embeds = self._prompt_embeds(term.prompt, batch, n, device, term.text_encoder)
+            elif term.text_encoder is None:
+                embeds = prompt_embeds  # no prompt of its own: the call's prompt
+            elif prompt is not None:
+                embeds = self._prompt_embeds(prompt, batch, n, device, term.text_encoder)
+            else:
                 raise ValueError(
-                    f"guidance term name '{g.name}' is used twice; names must be unique"
+                    f"GuidanceTerm '{term.name}' has its own text_encoder but no prompt; give "
+                    "it a prompt (the call's prompt_embeds come from another encoder)."
                 )
-            if g.weight == 0:
-                continue
-            if weights == "fixed" and g.weight == "auto":
-                raise ValueError(f"weights='fixed' but GuidanceTerm '{g.name}' has weight='auto'")
-            text_free = g.model is not None and not _accepts_text(g.model)
-            embeds = None
-            if not text_free:
-                if g.prompt_embeds is not None:
-                    embeds = self._per_image(g.prompt_embeds.to(device), batch, n)
-                elif g.prompt is not None:
-                    embeds = self._prompt_embeds(g.prompt, batch, n, device, g.text_encoder)
-                elif g.text_encoder is None:
-                    embeds = prompt_embeds  # no prompt of its own: the call's prompt
-                elif prompt is not None:
-                    embeds = self._prompt_embeds(prompt, batch, n, device, g.text_encoder)
-                else:
-                    raise ValueError(
-                        f"GuidanceTerm '{g.name}' has its own text_encoder but no prompt; give "
-                        "it a prompt (the call's prompt_embeds come from another encoder)."
-                    )
-            term_controls = []
-            if g.controlnet is not None:
-                img = self._control_images(g.control_image, height, width, batch, n, device)
-                term_controls = [Control(g.controlnet, img, g.controlnet_conditioning_scale)]
-            kind = "sd" if g.model is None else "model"
-            terms.append(
-                _Term(g.name, kind, g.weight, g.start, g.end, embeds, g.model, term_controls)
+        own = []
+        if term.controlnet is not None:
+            own = self._controls(
+                term.controlnet,
+                term.control_image,
+                term.controlnet_conditioning_scale,
+                height,
+                width,
+                batch,
+                n,
+                device,
             )
-        return terms
+        # The call's control_image drives the pipeline's ControlNet(s) in the "control" term.
+        return _Run(model, embeds, own + (controls if term.name == CONTROL else []))
 
-    def _model_prediction(self, term: _Term, latent_in: torch.Tensor, t) -> torch.Tensor:
+    def _model_prediction(self, name: str, run: _Run, latent_in: torch.Tensor, t) -> torch.Tensor:
         """One forward of a model other than the frozen SD UNet (domain UNet, community UNet)."""
-        model = term.model
+        model = run.model
         x = latent_in.to(model.dtype)
-        if term.embeds is None:
+        if run.embeds is None:
             eps = model(x, t, return_dict=False)[0]
         else:
-            chunk = Chunk(term.name, term.embeds.to(model.dtype), term.controls or [])
+            chunk = Chunk(name, run.embeds.to(model.dtype), run.controls)
             down, mid = chunk_residuals(x, t, [chunk])
             eps = model(
                 x,
@@ -364,28 +441,34 @@ class InDomainPipeline(DiffusionPipeline):
         controlnet_on_uncond: bool = False,
         image: Any = None,
         strength: float = 0.8,
-        extra_guidance: list[GuidanceTerm] | None = None,
-        domain_interval: tuple[float, float] = (0.0, 1.0),
-        control_interval: tuple[float, float] = (0.0, 1.0),
+        extra_guidance: Sequence[GuidanceTerm] | None = None,
+        domain_interval: Sequence[float] = (0.0, 1.0),
+        control_interval: Sequence[float] = (0.0, 1.0),
+        guidance: Sequence[GuidanceTerm] | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end: Callable[..., dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ) -> InDomainPipelineOutput | tuple:
         """Sample with ``eps_sd(z,"") + sum_i w_i (eps_i - eps_sd(z,""))`` over the active terms.
 
-        Terms: ``domain`` (``domain_unet``, weight ``w_d``), ``control`` (frozen SD with ``prompt``
-        and, if ``control_image`` is given, the pipeline's ControlNet(s); weight ``w_c``) and each
-        ``extra_guidance`` term. A weight of ``None`` (or ``"auto"`` in a term) is set at the
-        term's first step to ``w0 / K * |eps_sd| / |eps_i|`` per sample (K = number of terms; the
-        paper's ``w0/2`` for domain + control) and held; ``weights="fixed"`` requires numbers.
-        A weight of 0 drops the term and its forward pass. ``image`` + ``strength`` is SDEdit.
+        Terms: ``guidance=[GuidanceTerm, ...]`` (the whole list), or the shorthand ``w_d`` (domain
+        model), ``w_c`` (frozen SD with ``prompt`` and, if ``control_image`` is given, the
+        pipeline's ControlNet(s)), their ``*_interval`` and ``extra_guidance`` terms. A weight of
+        ``None`` (``"auto"`` in a term) is set at the term's first active step to
+        ``w0 / K * |eps_sd| / |eps_i|`` per sample (K = number of terms; the paper's ``w0/2``
+        for domain + control) and held; ``weights="fixed"`` requires numbers. A weight of 0 drops
+        the term and its forward pass. ``image`` + ``strength`` is SDEdit.
         ``controlnet_on_uncond=True`` also feeds the ControlNet to the unconditional prediction,
         as diffusers' ControlNet pipeline does (the paper leaves ``eps_sd(z, "")`` plain).
+        ``callback_on_step_end`` (a function or diffusers ``PipelineCallback``) gets the tensors
+        named in ``callback_on_step_end_tensor_inputs`` (see ``_callback_tensor_inputs``).
         """
-        extra_guidance = list(extra_guidance or [])
         # 1. Check inputs
         if weights not in ("auto", "fixed"):
             raise ValueError(f"weights must be 'auto' or 'fixed', got {weights!r}")
@@ -401,6 +484,8 @@ class InDomainPipeline(DiffusionPipeline):
             raise ValueError(
                 f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}"
             )
+        if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["latents"]
         bad = [
@@ -408,7 +493,13 @@ class InDomainPipeline(DiffusionPipeline):
         ]
         if bad:
             raise ValueError(
-                f"callback_on_step_end_tensor_inputs may only hold 'latents', got {bad}"
+                f"callback_on_step_end_tensor_inputs may only hold {self._callback_tensor_inputs}, "
+                f"got {bad}"
+            )
+        if control_image is not None and self.controlnet is None:
+            raise ValueError(
+                "control_image was given but the pipeline has no controlnet; build it with "
+                "controlnet=ControlNetModel(...) or drop control_image."
             )
 
         # 2. Define call parameters
@@ -443,30 +534,35 @@ class InDomainPipeline(DiffusionPipeline):
         else:
             negative_embeds = self._per_image(negative_prompt_embeds.to(device), batch, n)
 
-        # 4. Resolve guidance terms (and the ControlNet images they use)
-        controls = self._pipeline_controls(
-            control_image, controlnet_conditioning_scale, height, width, batch, n, device
-        )
-        terms = self._resolve_terms(
-            prompt,
-            prompt_embeds,
+        # 4. Guidance terms: one list (w_d and w_c are two of them) and what each runs
+        terms = self._guidance_terms(
+            guidance,
             w_d,
             w_c,
+            domain_interval,
+            control_interval,
+            list(extra_guidance or []),
             weights,
-            controls,
-            extra_guidance,
-            batch,
-            n,
-            height,
-            width,
-            device,
         )
-        for t_ in terms:
-            interval = {"domain": domain_interval, "control": control_interval}.get(t_.name)
-            if interval is not None:
-                t_.start, t_.end = (float(v) for v in interval)
-            is_active(0, 1, t_.start, t_.end)  # raises on a malformed interval, naming it
-        uncond = Chunk("uncond", negative_embeds, controls if controlnet_on_uncond else [])
+        controls = []
+        if control_image is not None:
+            controls = self._controls(
+                self.controlnet,
+                control_image,
+                controlnet_conditioning_scale,
+                height,
+                width,
+                batch,
+                n,
+                device,
+            )
+        runs = {
+            g.name: self._run_inputs(
+                g, prompt, prompt_embeds, controls, batch, n, height, width, device
+            )
+            for g in terms
+        }
+        uncond = Chunk(UNCOND, negative_embeds, controls if controlnet_on_uncond else [])
 
         # 5. Prepare timesteps (SDEdit keeps the last `strength` part of the schedule)
         timesteps = self._timesteps(
@@ -476,6 +572,7 @@ class InDomainPipeline(DiffusionPipeline):
             raise ValueError(
                 f"strength={strength} with {num_inference_steps} steps leaves no denoising step"
             )
+        guider = Guider(terms, num_steps=len(timesteps), w0=w0)
 
         # 6. Prepare latent variables: pure noise, or the noised input image for SDEdit
         dtype = prompt_embeds.dtype
@@ -503,51 +600,46 @@ class InDomainPipeline(DiffusionPipeline):
             step_kwargs["generator"] = generator
 
         # 8. Denoising loop
-        held: dict[str, float | torch.Tensor] = {}
-        num_steps = len(timesteps)
-        with self.progress_bar(total=num_steps) as progress_bar:
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
-                # 8.1 Terms active at this step (outside its interval a term drops out)
-                active = [x for x in terms if is_active(i, num_steps, x.start, x.end)]
+                # 8.1 Terms that need a prediction now (active, and not reusing an earlier one)
+                fresh = guider.to_predict(i)
                 latent_in = self.scheduler.scale_model_input(latents, t)
 
                 # 8.2 Frozen SD: uncond + every SD text term, in one batched forward
-                sd_chunks = [uncond] + [
-                    Chunk(x.name, x.embeds, x.controls or []) for x in active if x.kind == "sd"
+                sd_terms = [g.name for g in fresh if runs[g.name].model is None]
+                chunks = [uncond] + [
+                    Chunk(name, runs[name].embeds, runs[name].controls) for name in sd_terms
                 ]
-                eps_sd = self._sd_predictions(latent_in, t, sd_chunks)
-                eps_0 = eps_sd[0]
-                preds = {c.name: e for c, e in zip(sd_chunks[1:], eps_sd[1:], strict=True)}
+                eps_uncond, *eps_text = self._sd_predictions(latent_in, t, chunks)
+                preds = dict(zip(sd_terms, eps_text, strict=True))
 
                 # 8.3 Domain UNet and other models: one forward each
-                for x in active:
-                    if x.kind != "sd":
-                        preds[x.name] = self._model_prediction(x, latent_in, t)
+                for g in fresh:
+                    if runs[g.name].model is not None:
+                        preds[g.name] = self._model_prediction(g.name, runs[g.name], latent_in, t)
 
-                # 8.4 Weights: fixed, or auto at the term's first active step, then held
-                for x in active:
-                    if x.name not in held:
-                        held[x.name] = (
-                            auto_weight(eps_0, preds[x.name], w0, num_terms=len(terms)).to(
-                                eps_0.device
-                            )
-                            if x.weight == "auto"
-                            else x.weight
-                        )
+                # 8.4 Combine: eps_0 + sum_i w_i (eps_i - eps_0), weights held by the guider
+                noise_pred = guider.combine(i, eps_uncond, preds)
 
-                # 8.5 Combine: eps_0 + sum_i w_i (eps_i - eps_0)
-                noise_pred = multi_guidance(
-                    eps_0, [preds[x.name] for x in active], [held[x.name] for x in active]
-                )
-
-                # 8.6 Compute the previous noisy sample x_t -> x_t-1
+                # 8.5 Compute the previous noisy sample x_t -> x_t-1
                 latents = self.scheduler.step(
                     noise_pred, t, latents, **step_kwargs, return_dict=False
                 )[0]
 
-                # 8.7 Step-end callback may replace the latents
+                # 8.6 Step-end callback (may replace the latents); nothing is built without one
                 if callback_on_step_end is not None:
-                    out = callback_on_step_end(self, i, t, {"latents": latents})
+                    available = {
+                        "latents": latents,
+                        "noise_pred": noise_pred,
+                        "eps_uncond": eps_uncond,
+                        "guidance_preds": preds,
+                        "guidance_weights": {
+                            g.name: guider.weights[g.name] for g in guider.active(i)
+                        },
+                    }
+                    kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
+                    out = callback_on_step_end(self, i, t, kwargs)
                     latents = out.pop("latents", latents)
                 progress_bar.update()
 
@@ -563,14 +655,7 @@ class InDomainPipeline(DiffusionPipeline):
             )
         self.maybe_free_model_hooks()
 
-        used = {
-            x.name: (
-                held[x.name].float().cpu()
-                if isinstance(held.get(x.name), torch.Tensor)
-                else torch.full((rows,), float(held.get(x.name, 0.0)))
-            )
-            for x in terms
-        }
+        used = guider.used_weights(rows)
         if not return_dict:
             return images, used
         return InDomainPipelineOutput(images=images, guidance_weights=used)

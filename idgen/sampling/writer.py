@@ -1,4 +1,4 @@
-"""Writes predict-time samples: one PNG per image (parameters in text chunks), an index, grids.
+"""Writes samples: one PNG per image (parameters in text chunks), an index, grids.
 
 Layout under ``out_dir``::
 
@@ -6,8 +6,8 @@ Layout under ``out_dir``::
     samples.jsonl                          one record per finished image, in index order
     grids/p{prompt:04d}.png                the images of each prompt side by side
 
-A rerun skips images whose PNG exists and carries the same parameter hash, and removes stray
-temp files left by a killed run; nothing finished is rewritten.
+An image is done when its PNG exists and carries the same parameter hash, prompt and seed: a
+rerun skips it. Stray temp files of a killed run are removed; nothing finished is rewritten.
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import Logger
 from PIL import Image
 
 from idgen.callbacks.log_media import log_images
-from idgen.modules.sampler_module import image_seed
+from idgen.sampling.plan import SamplingPlan
 from idgen.utils.images import make_grid
 from idgen.utils.io import atomic_write_text, save_image_atomic
 
@@ -33,86 +32,61 @@ PARAMS_KEY = "idgen"  # PNG text chunk holding the JSON record
 HASH_KEY = "idgen_params_hash"
 
 
-class SampleWriter(BasePredictionWriter):
-    """Prediction writer for ``SamplerModule``: PNGs with metadata, ``samples.jsonl``, grids."""
+class SampleWriter:
+    """PNGs with metadata, ``samples.jsonl`` and per-prompt grids for one :class:`SamplingPlan`."""
 
     def __init__(
         self,
         out_dir: str | Path,
-        prompts: list[str],
-        images_per_prompt: int,
+        plan: SamplingPlan,
         params: dict[str, Any],
         params_hash: str,
-        seed: int = 0,
         images_subdir: str = "samples",
         grids: bool = True,
     ):
-        super().__init__(write_interval="batch")
         self.out_dir = Path(out_dir)
         self.images_dir = self.out_dir / images_subdir
-        self.prompts = prompts
-        self.images_per_prompt = images_per_prompt
+        self.plan = plan
         self.params = params
         self.params_hash = params_hash
-        self.seed = seed
         self.grids = grids
 
-    # ----------------------------------------------------------------------------- paths
-
     def path_for(self, index: int) -> Path:
-        p = index // self.images_per_prompt
-        return self.images_dir / f"p{p:04d}_{index:06d}.png"
+        return self.images_dir / self.plan.file_name(index)
 
     def is_done(self, index: int) -> bool:
         """A finished image: the PNG exists (atomic writes: never partial) with our parameters."""
         path = self.path_for(index)
         if not path.is_file():
             return False
-        expected = {
-            HASH_KEY: self.params_hash,
-            "prompt": self.prompts[index // self.images_per_prompt],
-            "seed": str(image_seed(self.seed, index)),
-        }
+        item = self.plan.item(index)
+        expected = {HASH_KEY: self.params_hash, "prompt": item["prompt"], "seed": str(item["seed"])}
         try:
             with Image.open(path) as im:
                 return all(im.text.get(k) == v for k, v in expected.items())
         except OSError:
             return False
 
-    # ----------------------------------------------------------------------------- hooks
+    def prepare(self) -> None:
+        """Create the folder and remove temp files of a killed run (call on one rank)."""
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        # atomic_write_bytes names its temp files .<name>.<rand>.tmp
+        for stray in self.images_dir.glob(".*.tmp"):
+            stray.unlink(missing_ok=True)
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if trainer.is_global_zero:
-            self.images_dir.mkdir(parents=True, exist_ok=True)
-            # Temp files of a killed run (atomic_write_bytes names them .<name>.<rand>.tmp).
-            for stray in self.images_dir.glob(".*.tmp"):
-                stray.unlink(missing_ok=True)
-        trainer.strategy.barrier()
-
-    def write_on_batch_end(
-        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
-    ) -> None:
-        for item in prediction or []:
-            record = self.record(item)
-            save_image_atomic(
-                item["image"],
-                self.path_for(item["index"]),
-                text={
-                    "prompt": item["prompt"],
-                    "seed": str(item["seed"]),
-                    HASH_KEY: self.params_hash,
-                    PARAMS_KEY: json.dumps(record, sort_keys=True),
-                },
-            )
-
-    def on_predict_end(self, trainer, pl_module) -> None:
-        # Every rank has written its share; rank 0 then builds the index and grids from the PNGs.
-        trainer.strategy.barrier()
-        if trainer.is_global_zero:
-            self.finalize(loggers=trainer.loggers)
-        trainer.strategy.barrier()
-
-    # ----------------------------------------------------------------------------- outputs
+    def write(self, item: dict[str, Any]) -> None:
+        """One finished image (``item``: a plan item + ``image`` + ``guidance_weights``)."""
+        record = self.record(item)
+        save_image_atomic(
+            item["image"],
+            self.path_for(item["index"]),
+            text={
+                "prompt": item["prompt"],
+                "seed": str(item["seed"]),
+                HASH_KEY: self.params_hash,
+                PARAMS_KEY: json.dumps(record, sort_keys=True),
+            },
+        )
 
     def record(self, item: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -133,13 +107,12 @@ class SampleWriter(BasePredictionWriter):
         With ``loggers``, the grids also go to them, captioned with prompt, seeds and weights.
         """
         records, missing = [], []
-        total = len(self.prompts) * self.images_per_prompt
+        total = len(self.plan)
         for index in range(total):
-            path = self.path_for(index)
             if not self.is_done(index):
                 missing.append(index)
                 continue
-            with Image.open(path) as im:
+            with Image.open(self.path_for(index)) as im:
                 records.append(json.loads(im.text[PARAMS_KEY]))
         lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
         atomic_write_text(self.out_dir / "samples.jsonl", lines)
@@ -147,16 +120,16 @@ class SampleWriter(BasePredictionWriter):
             log.warning("%d of %d images missing: %s", len(missing), total, missing[:10])
         grids, captions = [], []
         if self.grids:
-            for p in range(len(self.prompts)):
-                start = p * self.images_per_prompt
-                paths = [self.path_for(i) for i in range(start, start + self.images_per_prompt)]
+            n = self.plan.images_per_prompt
+            for p, prompt in enumerate(self.plan.prompts):
+                paths = [self.path_for(i) for i in range(p * n, (p + 1) * n)]
                 images = [Image.open(x).convert("RGB") for x in paths if x.is_file()]
                 if images:
                     grid = make_grid(images)
                     save_image_atomic(grid, self.out_dir / "grids" / f"p{p:04d}.png")
                     grids.append(grid)
                     mine = [r for r in records if r["prompt_index"] == p]
-                    captions.append(grid_caption(self.prompts[p], mine))
+                    captions.append(grid_caption(prompt, mine))
         if loggers and grids:
             log_images(loggers, "samples/grid", grids, captions)
         return records
@@ -165,7 +138,7 @@ class SampleWriter(BasePredictionWriter):
 def grid_caption(prompt: str, records: Sequence[dict[str, Any]]) -> str:
     """``prompt | seeds a..b | sampler w_d=.., w_c=.. | used: term=mean weight, ...``."""
     seeds = [r["seed"] for r in records]
-    settings = records[0]["sampler"] if records else {}
+    settings = records[0].get("sampler", {}) if records else {}
     given = ", ".join(
         f"{k}={'auto' if settings.get(k) is None else settings.get(k)}" for k in ("w_d", "w_c")
     )

@@ -6,8 +6,6 @@ import torch
 from diffusers import DPMSolverMultistepScheduler
 from torch import nn
 
-from idgen.modules.sd_parts import decode_latents
-
 
 @torch.no_grad()
 def sample_domain_model(
@@ -21,7 +19,7 @@ def sample_domain_model(
 ) -> torch.Tensor:
     """Images [N, 3, H, W] in [0, 1] sampled with ``eps_d(z_t)`` only (DPM-Solver++).
 
-    Same seed, same images: used for fixed-seed validation grids during training.
+    Same seed, same images: the fine-tuning module's quick fixed-seed grid of the domain model.
     """
     param = next(domain_unet.parameters())
     scheduler = DPMSolverMultistepScheduler.from_config(scheduler_config)
@@ -40,7 +38,9 @@ def sample_domain_model(
         eps = domain_unet(model_input.to(param.dtype), t).sample.float()
         latents = scheduler.step(eps, t, latents).prev_sample
 
-    # 3. Decode.
+    # 3. Decode. (Imported here: idgen.modules imports this file for its validation grid.)
+    from idgen.modules.sd_parts import decode_latents
+
     return decode_latents(vae, latents)
 
 
@@ -57,6 +57,7 @@ def make_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
 
 
 def to_pil(image: torch.Tensor):
+    """A [3, H, W] image in [0, 1] as a PIL image."""
     from PIL import Image
 
     array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
