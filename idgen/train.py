@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -14,10 +15,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from idgen import CONFIG_DIR
 from idgen.data.transforms import to_pil
-from idgen.modules.checkpoint_io import AtomicCheckpointIO
+from idgen.modules.checkpoint_io import (
+    AtomicCheckpointIO,
+    newest_complete_checkpoint,
+    remove_incomplete_checkpoints,
+)
 from idgen.preview import write_base_grid
 from idgen.utils.images import make_grid
 from idgen.utils.io import atomic_write_text, save_image_atomic
+from idgen.utils.validation import (
+    STAGES,
+    ConfigError,
+    accept_null_groups,
+    cli_errors,
+    remove_stale_temp_files,
+    validate_train,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +56,75 @@ def prepare_data(cfg: DictConfig, output_dir: Path) -> L.LightningDataModule:
     return datamodule
 
 
+def checkpoint_dir(cfg: DictConfig) -> Path:
+    """Where stage 2 writes its checkpoints (the model_checkpoint callback's ``dirpath``)."""
+    node = (cfg.get("callbacks") or {}).get("model_checkpoint")
+    if node is not None and node.get("dirpath"):
+        return Path(node.dirpath)
+    return Path(cfg.paths.output_dir) / "checkpoints"
+
+
+def resolve_resume(cfg: DictConfig) -> tuple[str | None, int | None]:
+    """The checkpoint stage 2 resumes from and its global step (``(None, None)``: a fresh start).
+
+    ``ckpt_path=last`` means the newest *complete* checkpoint in the run's checkpoint folder,
+    whatever ``last.ckpt`` says (a kill between writing ``step_N.ckpt`` and ``last.ckpt`` leaves
+    the latter behind). Without ``ckpt_path``, a folder that already holds checkpoints is an
+    error rather than a second run mixed into the first.
+    """
+    ckpt = cfg.get("ckpt_path")
+    if rank_zero_only.rank == 0:
+        remove_incomplete_checkpoints(checkpoint_dir(cfg))
+    found = newest_complete_checkpoint(checkpoint_dir(cfg))
+    if ckpt == "last":
+        if found is None:
+            log.info(
+                "ckpt_path=last: no complete checkpoint in %s yet; starting fresh",
+                checkpoint_dir(cfg),
+            )
+            return None, None
+        log.info("resuming from %s (global step %d)", found[0], found[1])
+        return str(found[0]), found[1]
+    if ckpt is not None:
+        from idgen.modules.checkpoint_io import checkpoint_step
+
+        step = checkpoint_step(ckpt)
+        if step is None:
+            raise ConfigError(
+                "ckpt_path",
+                str(ckpt),
+                "is not a complete training checkpoint (truncated or not a .ckpt)",
+                "Pass ckpt_path=last to take the newest complete one.",
+            )
+        return str(ckpt), step
+    if found is not None:
+        raise ConfigError(
+            "ckpt_path",
+            None,
+            f"the run folder's {checkpoint_dir(cfg)} already holds checkpoints (newest: step "
+            f"{found[1]}) and a new run would mix with them",
+            "Pass ckpt_path=last to resume that run, or a new hydra.run.dir for a new one.",
+        )
+    return None, None
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Run the configured stages; returns the final metrics (for sweepers)."""
-    L.seed_everything(cfg.seed, workers=True)
+    """Run the configured stages; returns the final metrics (for sweepers).
+
+    The config is validated first (``idgen.utils.validation.validate_train``): a user mistake
+    fails in milliseconds, before data is scanned or a model built. Leftovers of writes a kill
+    interrupted are removed from the run folder, and a rerun into the same folder resumes.
+    """
+    validate_train(cfg)
+    stage = cfg.get("stage", "all")
     output_dir = Path(cfg.paths.output_dir)
+    resume = (None, None)
+    if stage in ("finetune", "all"):
+        resume = resolve_resume(cfg)
+    L.seed_everything(cfg.seed, workers=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:
+        remove_stale_temp_files(output_dir)
         atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     datamodule = prepare_data(cfg, output_dir)
@@ -64,33 +140,99 @@ def train(cfg: DictConfig) -> dict[str, float]:
             guidance_scale=cfg.preview.guidance_scale,
             seed=cfg.preview.seed,
         )
-    stage = cfg.get("stage", "all")
-    if stage not in STAGES:
-        raise ValueError(f"stage={stage!r} is not one of {', '.join(STAGES)}.")
+    assert stage in STAGES  # validate_train checked it
     metrics: dict[str, float] = {}
     text_features = cfg.get("text_features")
     if stage in ("inversion", "all"):
-        features_path, stage_metrics = run_inversion(cfg, sd_loader, output_dir)
-        metrics.update({f"inversion/{k}": v for k, v in stage_metrics.items()})
+        done = finished_inversion(cfg, output_dir)
+        if done is not None:
+            log.info("stage 1 already finished in this run folder: %s (not re-run)", done)
+            features_path = done
+        else:
+            features_path, stage_metrics = run_inversion(cfg, sd_loader, output_dir)
+            metrics.update({f"inversion/{k}": v for k, v in stage_metrics.items()})
         text_features = str(features_path)
     if stage in ("finetune", "all"):
-        metrics.update(run_finetune(cfg, sd_loader, datamodule, text_features))
+        metrics.update(run_finetune(cfg, sd_loader, datamodule, text_features, resume))
     return metrics
 
 
-STAGES = ("inversion", "finetune", "all", "data")
+def finished_inversion(cfg: DictConfig, output_dir: Path) -> Path | None:
+    """Stage 1's result from an earlier (killed or finished) run in this folder, if it matches.
+
+    The file is written atomically at the end of stage 1, so its presence means the stage
+    finished. One made with another prompt, step count or base model is never overwritten: that
+    is an error naming it.
+    """
+    from idgen.modules.sd_parts import TEXT_FEATURES_FILE, read_text_features_metadata
+
+    stage_dir = Path(cfg.inversion.get("output_dir") or output_dir / "inversion")
+    path = stage_dir / TEXT_FEATURES_FILE
+    if not path.is_file():
+        return None
+    meta = read_text_features_metadata(path)
+    expected = {
+        "prompt": str(cfg.inversion.prompt_template).format(domain=cfg.inversion.domain),
+        "steps": str(int(cfg.inversion_steps)),
+        "base_model": str(cfg.inversion.base_model),
+    }
+    differ = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+    if differ:
+        what = "; ".join(f"{k} {old!r} (now {new!r})" for k, (old, new) in differ.items())
+        raise ConfigError(
+            "hydra.run.dir",
+            str(output_dir),
+            f"holds a finished stage 1 ({path}) made with other settings: {what}",
+            "Use a new hydra.run.dir, or reuse it with stage=finetune text_features=<that file>.",
+        )
+    return path
 
 
-def _loggers(cfg: DictConfig, suffix: str | None = None) -> list[Logger]:
-    """Fresh loggers for one stage; stage 1's get ``suffix`` in their name so runs stay apart."""
+WANDB_IDS_FILE = "wandb_run_ids.json"
+
+
+def _wandb_id(output_dir: Path, stage: str, resuming: bool) -> str:
+    """The wandb run id of ``stage`` in this run folder: the recorded one when resuming."""
+    import json
+
+    path = output_dir / WANDB_IDS_FILE
+    ids = json.loads(path.read_text()) if path.is_file() else {}
+    if not resuming or stage not in ids:
+        from wandb.util import generate_id
+
+        ids[stage] = generate_id()
+        if rank_zero_only.rank == 0:
+            atomic_write_text(path, json.dumps(ids, indent=2))
+    return ids[stage]
+
+
+def _loggers(
+    cfg: DictConfig, suffix: str | None = None, resume_step: int | None = None
+) -> list[Logger]:
+    """Loggers for one stage; stage 1's get ``suffix`` in their name so runs stay apart.
+
+    When stage 2 resumes at ``resume_step`` the logs continue: the CSV keeps its rows (those a
+    killed run wrote after its checkpoint are dropped, the resumed run writes them again),
+    TensorBoard purges events from that step on, and wandb resumes the same run id.
+    """
     loggers = []
+    output_dir = Path(cfg.paths.output_dir)
     for node in (cfg.get("logger") or {}).values():
         if not isinstance(node, DictConfig) or "_target_" not in node:
             continue
-        kwargs = {}
+        kwargs: dict = {}
         if suffix is not None and "name" in node:
             kwargs["name"] = f"{node.name}_{suffix}" if node.name else suffix
-        loggers.append(instantiate(node, **kwargs))
+        target = str(node._target_)
+        if "wandb" in target.lower() and "id" not in node:
+            kwargs["id"] = _wandb_id(output_dir, suffix or "finetune", resume_step is not None)
+            kwargs["resume"] = "allow"
+        if resume_step is not None and target.endswith("TensorBoardLogger"):
+            kwargs["purge_step"] = resume_step
+        logger = instantiate(node, **kwargs)
+        if resume_step is not None and hasattr(logger, "drop_rows_from"):
+            logger.drop_rows_from(resume_step)
+        loggers.append(logger)
     return loggers
 
 
@@ -131,6 +273,7 @@ def run_inversion(cfg: DictConfig, sd_loader, output_dir: Path) -> tuple[Path, d
         data_kwargs["max_images"] = min(max_images, cfg.data.get("max_images") or max_images)
     datamodule = instantiate(cfg.data, **data_kwargs)
     module = instantiate(cfg.inversion, model_loader=sd_loader, output_dir=str(stage_dir))
+    module.nonfinite_loss = cfg.get("nonfinite_loss", "stop")
     loggers = _loggers(cfg, suffix="inversion")
     trainer = instantiate(
         cfg.trainer,
@@ -153,13 +296,22 @@ def run_inversion(cfg: DictConfig, sd_loader, output_dir: Path) -> tuple[Path, d
 
 
 def run_finetune(
-    cfg: DictConfig, sd_loader, datamodule: L.LightningDataModule, text_features: str | None
+    cfg: DictConfig,
+    sd_loader,
+    datamodule: L.LightningDataModule,
+    text_features: str | None,
+    resume: tuple[str | None, int | None] = (None, None),
 ) -> dict[str, float]:
-    """Stage 2: fine-tune the null-text UNet; exports the domain model at the end."""
+    """Stage 2: fine-tune the null-text UNet; exports the domain model at the end.
+
+    ``resume``: the checkpoint and step from :func:`resolve_resume`.
+    """
     # other stage-2 modules (baselines) may take no text features
     extra = {"text_features": text_features} if "text_features" in cfg.module else {}
     module = instantiate(cfg.module, model_loader=sd_loader, **extra)
-    loggers = _loggers(cfg)
+    module.nonfinite_loss = cfg.get("nonfinite_loss", "stop")
+    ckpt_path, resume_step = resume
+    loggers = _loggers(cfg, resume_step=resume_step)
     trainer = instantiate(
         cfg.trainer,
         callbacks=_callbacks(cfg, checkpointing=True),
@@ -167,7 +319,7 @@ def run_finetune(
         **_plugins(cfg),
     )
     log.info("stage 2: null-text UNet fine-tuning from %s", text_features or "the encoded prompt")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if getattr(module, "export_path", None) is not None:
         log.info("domain model: %s", module.export_path)
     _finish_wandb(loggers)
@@ -175,9 +327,19 @@ def run_finetune(
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train.yaml")
-def main(cfg: DictConfig) -> float | None:
+@cli_errors
+def hydra_main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     return metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
+
+
+def main() -> None:
+    """``idgen-train``: ``logger=null`` (any ``group=null``) is accepted as "no group"."""
+    sys.argv = accept_null_groups(sys.argv, CONFIG_DIR)
+    hydra_main()
+
+
+main.__wrapped__ = hydra_main.__wrapped__  # the task itself (sweepers and tests call it with a cfg)
 
 
 if __name__ == "__main__":

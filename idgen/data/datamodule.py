@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -51,16 +51,54 @@ class EpochSeededSampler(Sampler[int]):
         self.num_samples = len(data_source)
         self.seed = seed
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume(self, epoch: int, skip: int) -> None:
+        """Start epoch ``epoch``'s order at position ``skip`` (once: a mid-epoch resume)."""
+        self._resume = (epoch, skip)
 
     def __len__(self) -> int:
         return self.num_samples
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        if self._resume is not None and self._resume[0] == self.epoch:
+            order = order[self._resume[1] :]
+        self._resume = None
+        return iter(order)
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` whose position inside an epoch is saved in checkpoints.
+
+    Lightning stores ``state_dict()`` of a loader that has one in every checkpoint and hands it
+    back through ``load_state_dict`` on resume; the epoch's :class:`EpochSeededSampler` then
+    skips the batches already trained on, so a run resumed mid-epoch sees exactly the batches an
+    uninterrupted run would have. ``progress`` returns the batches trained in the current epoch
+    (the trainer's count: gradient accumulation and a prefetching fetcher would skew our own).
+    """
+
+    def __init__(self, *args, progress: Callable[[], int] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        batches = self.progress() if self.progress is not None else 0
+        return {"epoch": int(getattr(self.sampler, "epoch", 0)), "batches": int(batches)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if not hasattr(self.sampler, "resume"):
+            warnings.warn(
+                f"{type(self.sampler).__name__} cannot resume mid-epoch; the epoch restarts.",
+                stacklevel=2,
+            )
+            return
+        skip = int(state_dict.get("batches", 0)) * int(self.batch_size or 1)
+        self.sampler.resume(int(state_dict.get("epoch", 0)), skip)
 
 
 class DomainImageDataModule(L.LightningDataModule):
@@ -258,16 +296,29 @@ class DomainImageDataModule(L.LightningDataModule):
         )
         self._latent_dataset = CachedLatentDataset(tensors, random_flip=self.random_flip)
 
+    def _batches_done(self) -> int:
+        """Batches trained in the current epoch (from the trainer), for :class:`ResumableDataLoader`."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
         batch_size = min(self.batch_size, len(dataset)) if drop_last else self.batch_size
-        return DataLoader(
-            dataset,
+        kwargs = dict(
             batch_size=batch_size,
-            sampler=EpochSeededSampler(dataset, self.seed) if shuffle else None,
             num_workers=self.num_workers,
             drop_last=drop_last,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.persistent_workers,
+        )
+        if not shuffle:
+            return DataLoader(dataset, **kwargs)
+        sampler = EpochSeededSampler(dataset, self.seed)
+        # Its own generator: creating an iterator draws a base seed, which from the global RNG
+        # would shift the random flips of a resumed run (its iterator is made after the restore).
+        generator = torch.Generator().manual_seed(self.seed)
+        return ResumableDataLoader(
+            dataset, sampler=sampler, generator=generator, progress=self._batches_done, **kwargs
         )
 
     def train_dataloader(self) -> DataLoader:

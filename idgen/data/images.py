@@ -17,12 +17,33 @@ class UnreadableImage(ValueError):
     """A file could not be decoded as an image."""
 
 
-def _to_uint8(array: np.ndarray) -> np.ndarray:
+def _to_uint8(array: np.ndarray, max_value: float) -> np.ndarray:
+    """Scale ``array`` from ``[0, max_value]`` (its format's full range) to 8 bits."""
     if array.dtype == np.uint8:
         return array
     array = array.astype(np.float64)
-    hi = 65535.0 if array.max(initial=0) > 255 else 255.0
-    return np.clip(array / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return np.clip(array / max_value * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def full_scale(image: Image.Image) -> float:
+    """The value that means "white" for a grayscale image of mode I;16*, I or F.
+
+    Decided by the bit depth of the mode, never by the pixel values: a 16-bit image whose pixels
+    are all <= 255 is a very dark image, not an 8-bit one. Mode ``I`` (32-bit container) holds
+    16-bit data when it comes from a PNG or any file whose values fit 16 bits. Float images
+    (mode ``F``) carry no depth; they are taken as [0, 1] unless a value exceeds 1, then as 8-bit
+    (> 255: 16-bit) data stored as floats.
+    """
+    mode = image.mode
+    if mode.startswith("I;16"):
+        return 65535.0
+    array = np.asarray(image)
+    peak = float(array.max(initial=0))
+    if mode == "I":
+        return 65535.0 if image.format == "PNG" or peak <= 65535 else 4294967295.0
+    if mode == "F":
+        return 1.0 if peak <= 1.0 else 255.0 if peak <= 255 else 65535.0
+    raise ValueError(f"full_scale: mode {mode!r} is not a single-channel 16/32-bit mode")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -38,7 +59,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return Image.alpha_composite(background, rgba).convert("RGB")
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # 16-bit and float grayscale: Pillow's convert("RGB") clips instead of scaling.
-        gray = _to_uint8(np.asarray(image))
+        gray = _to_uint8(np.asarray(image), full_scale(image))
         return Image.fromarray(gray, mode="L").convert("RGB")
     if mode != "RGB":
         return image.convert("RGB")

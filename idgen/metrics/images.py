@@ -64,7 +64,7 @@ def load_batch(paths: Sequence[Path], resolution: int | None = None) -> torch.Te
     if len(sizes) > 1:
         raise ImageFolderError(
             f"images have different sizes {sorted(sizes)} (e.g. '{paths[0]}'); "
-            "set metrics.resolution=<int> to resize them all."
+            "set resolution=<int> (idgen-eval) to resize them all."
         )
     return torch.stack(images)
 

@@ -19,6 +19,7 @@ from diffusers import DDPMScheduler
 
 from idgen.data.latents import latents_from_batch as data_latents
 from idgen.modules.diffusion_loss import denoising_loss
+from idgen.utils.validation import NonFiniteLossError
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]
@@ -51,6 +52,10 @@ class DiffusionTrainingModule(L.LightningModule):
 
     #: attribute names of frozen submodules (never trained, never checkpointed)
     frozen_names: tuple[str, ...] = ()
+    #: a NaN/inf loss or gradient: "stop" raises ``NonFiniteLossError`` before the weights are
+    #: touched (the last checkpoint stays the newest); "skip" drops that update and counts it in
+    #: ``train/nonfinite_skipped``. idgen-train sets it from ``nonfinite_loss``.
+    nonfinite_loss: str = "stop"
 
     def __init__(
         self,
@@ -75,6 +80,7 @@ class DiffusionTrainingModule(L.LightningModule):
         self.scheduler_config: dict = {}
         # frozen weights are not in checkpoints, so loading must tolerate their absence
         self.strict_loading = False
+        self.nonfinite_skipped = 0
 
     # --- setup helpers ----------------------------------------------------------------------
     def _setup_noise(self, pipe: Any) -> None:
@@ -135,17 +141,48 @@ class DiffusionTrainingModule(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
+    # --- non-finite guard -------------------------------------------------------------------
+    def _nonfinite_message(self, what: str) -> str:
+        from idgen.modules.checkpoint_io import newest_complete_checkpoint
+
+        newest = None
+        callback = self.trainer.checkpoint_callback if self._trainer is not None else None
+        if callback is not None and getattr(callback, "dirpath", None):
+            newest = newest_complete_checkpoint(callback.dirpath)
+        kept = (
+            f"The last good checkpoint is {newest[0]} (step {newest[1]}); resume from it with "
+            "ckpt_path=last and the same hydra.run.dir"
+            if newest
+            else "No checkpoint was written yet"
+        )
+        return (
+            f"{what} is NaN/inf at global step {self.global_step} (epoch {self.current_epoch}); "
+            f"training stopped before the update and nothing after it was saved. {kept}. Lower "
+            "the learning rate, check the data, or pass nonfinite_loss=skip to skip such steps."
+        )
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        if self.nonfinite_loss == "stop" and not bool(torch.isfinite(loss.detach()).all()):
+            raise NonFiniteLossError(self._nonfinite_message(f"The training loss ({loss.item()})"))
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Total L2 norm of the gradients about to be applied (before any clipping): a
         # dashboard series next to train/loss and the learning rate.
-        norms = [
-            p.grad.detach().float().norm()
-            for group in optimizer.param_groups
-            for p in group["params"]
-            if p.grad is not None
-        ]
-        if norms:
-            self.log("train/grad_norm", torch.stack(norms).norm(), on_step=True, on_epoch=False)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+        if not norms:
+            return
+        total = torch.stack(norms).norm()
+        if not bool(torch.isfinite(total)):
+            if self.nonfinite_loss == "stop":
+                raise NonFiniteLossError(self._nonfinite_message("The gradient norm"))
+            # skip: optimizers leave parameters without a gradient untouched
+            for p in params:
+                p.grad = None
+            self.nonfinite_skipped += 1
+            self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True)
+            return
+        self.log("train/grad_norm", total, on_step=True, on_epoch=False)
 
     # --- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
