@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.idgen-installed
 OFFLINE := HF_HUB_OFFLINE=1 WANDB_MODE=offline
 
-.PHONY: install demo test lint format
+.PHONY: install demo test lint format device-wheels
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,3 +27,20 @@ lint: $(STAMP)
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
+
+# Wheels for the GPU machine, whose Python 3.12 has torch, lightning, transformers, peft,
+# torchmetrics... but no diffusers, hydra-core or omegaconf, and no registry: carry
+# benchmarks/wheels (git-ignored, about 7 MB) and benchmarks/device_check.py installs them there
+# with `pip install --no-index --no-deps`. Versions come from constraints.txt.
+DEVICE_WHEELS_DIR := benchmarks/wheels
+DEVICE_WHEELS := diffusers hydra-core omegaconf
+
+device-wheels: $(STAMP)
+	rm -rf $(DEVICE_WHEELS_DIR) && mkdir -p $(DEVICE_WHEELS_DIR)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -c constraints.txt \
+		--python-version 3.12 --implementation cp --platform manylinux2014_x86_64 --platform any \
+		-d $(DEVICE_WHEELS_DIR) $(DEVICE_WHEELS)
+	# antlr4-python3-runtime 4.9.* (what hydra-core and omegaconf need) is published only as an
+	# sdist: build its pure-Python wheel here.
+	$(PY) -m pip wheel -q --no-deps -c constraints.txt -w $(DEVICE_WHEELS_DIR) antlr4-python3-runtime
+	ls -l $(DEVICE_WHEELS_DIR)

@@ -1,7 +1,7 @@
 """Time per image: InDomainPipeline (w_d > 0, and w_d = 0) vs diffusers' CFG, at equal steps.
 
     python benchmarks/bench_sampling.py                      # tiny model, CPU
-    python benchmarks/bench_sampling.py --device cuda --dtype float16 --sd15-geometry --resolution 512
+    python benchmarks/bench_sampling.py --device cuda --dtype float16 --geometry sd15
 
 Ideal ratio for w_d > 0 is 1.5x (three UNet evaluations against two); batching the uncond and
 prompt predictions into one forward (as diffusers does) and the domain UNet into another can
@@ -13,50 +13,36 @@ from __future__ import annotations
 
 import argparse
 import copy
-import resource
 import statistics
-import time
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from bench_common import (
+    build_sd,
+    is_cuda,
+    native_resolution,
+    peak_memory_mb,
+    reset_peak_memory,
+    timed,
+)
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-from idgen.models import NullTextUNet, build_tiny_sd
+from idgen.models import NullTextUNet
 from idgen.pipelines import InDomainPipeline
 
 PROMPT = "a photo of a red circle"
 
-# SD1.5's UNet config (diffusers layout), for a full-size random-weight UNet on a GPU.
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
-
 
 def build(args) -> tuple[StableDiffusionPipeline, NullTextUNet]:
-    sd = build_tiny_sd(seed=0, cross_attention_dim=768 if args.sd15_geometry else 32)
-    if args.sd15_geometry:
-        sd.unet = UNet2DConditionModel(**SD15_UNET)
+    sd = build_sd(args.geometry, args.device)
     ids = sd.tokenizer([PROMPT], padding="max_length", return_tensors="pt").input_ids
     with torch.no_grad():
-        features = sd.text_encoder(ids)[0]
+        features = sd.text_encoder(ids.to(args.device))[0]
     domain = NullTextUNet.from_unet(sd.unet, features, init="value")
     dtype = getattr(torch, args.dtype)
-    sd.to(args.device, dtype=dtype)
-    domain.to(args.device, dtype=dtype)
+    if dtype != torch.float32:
+        sd.to(dtype=dtype)
+        domain.to(dtype=dtype)
     return sd, domain
-
-
-def peak_memory_mb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS
 
 
 def main() -> None:
@@ -67,7 +53,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="images per pipeline call")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--resolution", type=int, default=None)
-    parser.add_argument("--sd15-geometry", action="store_true", help="full-size SD1.5 UNet")
+    parser.add_argument("--geometry", default="tiny", choices=["tiny", "sd15"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
     if args.threads:
@@ -78,7 +64,7 @@ def main() -> None:
     cfg_pipe = StableDiffusionPipeline(**{**sd.components, "scheduler": scheduler})
     cfg_pipe.set_progress_bar_config(disable=True)
     ours = InDomainPipeline.from_sd(sd, domain_unet=domain, scheduler=copy.deepcopy(scheduler))
-    size = args.resolution or sd.unet.config.sample_size * ours.vae_scale_factor
+    size = args.resolution or native_resolution(sd)
     common = dict(num_inference_steps=args.steps, height=size, width=size, output_type="latent")
     prompts = [PROMPT] * args.batch
 
@@ -94,18 +80,13 @@ def main() -> None:
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
     peaks: dict[str, float] = {}
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     for fn in runs.values():  # warm-up
         fn(torch.Generator().manual_seed(0))
     for r in range(args.repeats):
         for name, fn in runs.items():  # interleaved, so drift hits every configuration alike
-            if args.device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
-            sync()
-            t0 = time.perf_counter()
-            fn(torch.Generator().manual_seed(r))
-            sync()
-            times[name].append((time.perf_counter() - t0) / args.batch)
+            reset_peak_memory(args.device)
+            dt = timed(lambda fn=fn, r=r: fn(torch.Generator().manual_seed(r)), args.device)
+            times[name].append(dt / args.batch)
             peaks[name] = max(peaks.get(name, 0.0), peak_memory_mb(args.device))
 
     base = statistics.median(times["diffusers CFG (g=7.5)"])
@@ -113,7 +94,7 @@ def main() -> None:
         f"device={args.device} dtype={args.dtype} {size}px steps={args.steps} batch={args.batch} "
         f"repeats={args.repeats} threads={torch.get_num_threads()}"
     )
-    mem = "peak GPU MiB" if args.device.startswith("cuda") else "process peak RSS MiB"
+    mem = "peak GPU MiB" if is_cuda(args.device) else "process peak RSS MiB"
     print(f"{'configuration':30s} {'s/image':>9s} {'ratio':>7s} {mem:>22s}")
     for name in runs:
         med = statistics.median(times[name])

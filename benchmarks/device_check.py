@@ -34,7 +34,7 @@ and written as JSON. Exit status 0 when every section finished and every check p
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import os
 import platform
@@ -57,7 +57,7 @@ WHEELS = HERE / "wheels"
 DEVICE_MISSING = ("diffusers", "hydra", "omegaconf", "antlr4")
 SECTIONS = ("sampling", "training", "cli", "tests")
 # Share of the overall budget per section (the rest is start-up and the parent's own work).
-SHARES = {"sampling": 0.30, "training": 0.34, "cli": 0.18, "tests": 0.12}
+SHARES = {"sampling": 0.27, "training": 0.30, "cli": 0.22, "tests": 0.21}
 PROMPT = "a photo of a face"
 
 
@@ -82,11 +82,19 @@ def install_wheels(wheels: Path, target: Path) -> list[str]:
     return [f.name for f in files]
 
 
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
 def ensure_imports(wheels: Path) -> dict[str, Any]:
     """Make diffusers/hydra/omegaconf and the repository importable, here and in children."""
     paths = [str(REPO)]
     installed: list[str] = []
-    missing = [m for m in DEVICE_MISSING if importlib.util.find_spec(m) is None]
+    missing = [m for m in DEVICE_MISSING if not _importable(m)]
     if missing:
         target = Path(tempfile.gettempdir()) / "idgen-device-site"
         installed = install_wheels(wheels, target)
@@ -94,6 +102,7 @@ def ensure_imports(wheels: Path) -> dict[str, Any]:
     for p in reversed(paths):
         if p not in sys.path:
             sys.path.insert(0, p)
+    importlib.invalidate_caches()
     # Child processes (sections, CLIs, pytest) see the same packages.
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([*paths, *([old] if old else [])])
@@ -409,24 +418,24 @@ def section_cli(rec: Recorder, budget: Budget, device: str, smoke: bool) -> bool
         "inversion_steps=2", f"trainer.max_steps={s['cli_steps']}", "preview.num_inference_steps=2",
         "module.val_every_n_steps=1000", "trainer.log_every_n_steps=1",
     ]  # fmt: skip
-    runs = [
-        ("idgen-train trainer=gpu", "idgen.train", "train_gpu",
-         ["trainer=gpu"] if gpu else ["trainer=cpu"]),
-        ("idgen-train trainer=ddp devices=1", "idgen.train", "train_ddp",
-         ["trainer=ddp", "trainer.devices=1"] if gpu else ["trainer=ddp_sim", "trainer.devices=1"]),
-    ]  # fmt: skip
+    # On the CPU (--smoke) the same runs with the CPU twins of the GPU trainer configs.
+    runs = {
+        "train_gpu": ["trainer=gpu"] if gpu else ["trainer=cpu"],
+        "train_ddp": ["trainer=ddp" if gpu else "trainer=ddp_sim", "trainer.devices=1"],
+    }
     all_ok = True
-    for label, module, run_dir, trainer in runs:
-        all_ok &= _run_cli(rec, budget, label, module, work / run_dir, [*trainer, *train_common])
+    for run_dir, trainer in runs.items():
+        label = "idgen-train " + " ".join(trainer)
+        overrides = [*trainer, *train_common]
+        all_ok &= _run_cli(rec, budget, label, "idgen.train", work / run_dir, overrides)
     domain = work / "train_gpu" / "domain_model"
     sample = [
         f"domain_model={domain}", f"paths.root_dir={work}", "sampler.num_inference_steps=4",
         "images_per_prompt=2", "batch_size=2", "cpu_offload=true",
         *(["trainer=gpu", "dtype=float16"] if gpu else ["trainer=cpu"]),
     ]  # fmt: skip
-    ok = _run_cli(
-        rec, budget, "idgen-sample cpu_offload=true", "idgen.sample", work / "sample", sample
-    )
+    label = "idgen-sample cpu_offload=true " + " ".join(sample[6:])
+    ok = _run_cli(rec, budget, label, "idgen.sample", work / "sample", sample)
     if ok:
         pngs = list((work / "sample" / "samples").glob("*.png"))
         ok = len(pngs) == 4
