@@ -111,7 +111,7 @@ def draw(series: dict[str, list[dict]], out: Path) -> Path:
     ax.set_ylim(0.0, 1.02)
     ax.set_xlabel("domain fidelity: fraction of samples on a dark background")
     ax.set_ylabel("text control: colour accuracy on the colour prompts")
-    ax.set_title("Toy world: fine-tuning gains the domain by losing control; ours keeps it")
+    ax.set_title("Toy world: text control vs domain fidelity (validation seeds)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
