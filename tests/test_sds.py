@@ -196,3 +196,35 @@ def test_bfloat16_models_give_a_finite_float32_gradient():
     out = sds(latents=z, generator=torch.Generator().manual_seed(0))
     out.loss.backward()
     assert out.grad.dtype == torch.float32 and torch.isfinite(z.grad).all()
+
+
+def test_image_target_gradient_is_pixels_minus_decoded_one_step_estimate(models):
+    from diffusers import DDIMScheduler
+
+    sd, domain = models
+    w_d, w_c = 1.0, 3.0
+    sds = MultiGuidanceSDS(sd, PROMPT, domain_model=domain, w_d=w_d, w_c=w_c, target="image")
+    g = torch.Generator().manual_seed(5)
+    images = torch.rand(2, 3, 64, 64, generator=g).requires_grad_(True)
+    noise = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([400, 400])
+    out = sds(images, t=t, noise=noise)
+    out.loss.backward()
+
+    with torch.no_grad():
+        z = sd.vae.encode(images * 2 - 1).latent_dist.mean * sd.vae.config.scaling_factor
+    eps_u, eps_c, eps_d = reference_predictions(sd, domain, z, noise, t)
+    eps_hat = (1 - w_d - w_c) * eps_u + w_d * eps_d + w_c * eps_c
+    # diffusers' DDIM computes the one-step estimate x0 = (z_t - sqrt(1-a) eps) / sqrt(a).
+    ddim = DDIMScheduler.from_config(sd.scheduler.config)
+    ddim.set_timesteps(50)
+    z_t = DDPMScheduler.from_config(sd.scheduler.config).add_noise(z, noise, t)
+    z0 = ddim.step(eps_hat, 400, z_t).pred_original_sample
+    with torch.no_grad():
+        x0 = (sd.vae.decode(z0 / sd.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    w_t = 1 - sd.scheduler.alphas_cumprod[400]
+    expected = w_t * (images.detach() - x0)
+    torch.testing.assert_close(out.grad, expected, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(images.grad, expected / 2, atol=1e-4, rtol=1e-3)
+    with pytest.raises(ValueError, match="pixel renders"):
+        sds(latents=z)

@@ -11,6 +11,14 @@ optionally through a ControlNet) and any extra ``GuidanceTerm``. The loss is wri
 ``0.5 ||z - (z - grad).detach()||^2`` summed over each view and averaged over the batch, so
 ``d loss / d z_i = grad_i / B`` while no gradient flows through the UNets. ``w_d = 0`` is
 standard SDS with classifier-free guidance of scale ``w_c``.
+
+``target="image"`` (for pixel renders) moves the same step into image space instead of
+back-propagating it through the VAE encoder: with the one-step estimate
+``z0_hat = (z_t - sqrt(1 - a_t) eps_hat) / sqrt(a_t)`` (so that
+``eps_hat - eps = sqrt(a_t / (1 - a_t)) (z - z0_hat)``), ``grad = w(t) (x - D(z0_hat))`` on the
+pixels ``x`` (HiFA's image-space SDS). A small VAE's encoder Jacobian turns latent SDS into
+high-frequency pixel noise (measured on the toy world's 242k-parameter VAE); the image-space
+form has no encoder in the backward pass.
 """
 
 from __future__ import annotations
@@ -68,7 +76,7 @@ class SDSOutput:
 
     loss: torch.Tensor
     timesteps: torch.Tensor  # [B] integer timesteps used
-    grad: torch.Tensor  # w(t) (eps_hat - eps), [B, C, h, w]
+    grad: torch.Tensor  # w(t) (eps_hat - eps) [B, C, h, w]; target="image": on pixels [B, 3, H, W]
     noise_pred: torch.Tensor  # eps_hat, [B, C, h, w]
     weights: dict[str, torch.Tensor] = field(default_factory=dict)  # per-view weight of each term
 
@@ -111,6 +119,9 @@ class MultiGuidanceSDS:
         grad_clip: clamp each element of ``grad`` to ``[-grad_clip, grad_clip]`` (None: off).
         resolution: the pixel size renders are resized to before encoding (None: the model's
             native size, ``unet.sample_size * vae factor``).
+        target: ``"latent"``: ``grad`` on the latents, back-propagated through the VAE encoder
+            (DreamFusion with a latent model); ``"image"``: ``grad = w(t) (x - D(z0_hat))`` on
+            the (resized) renders, no encoder in the backward pass (pixel inputs only).
     """
 
     def __init__(
@@ -128,6 +139,7 @@ class MultiGuidanceSDS:
         weighting: Weighting = "sds",
         grad_clip: float | None = None,
         resolution: int | None = None,
+        target: Literal["latent", "image"] = "latent",
     ):
         self.sd = sd
         self.unet, self.vae = sd.unet, sd.vae
@@ -142,6 +154,9 @@ class MultiGuidanceSDS:
         if grad_clip is not None and grad_clip <= 0:
             raise ValueError(f"grad_clip must be positive or None, got {grad_clip}")
         self.grad_clip = grad_clip
+        if target not in ("latent", "image"):
+            raise ValueError(f"target must be 'latent' or 'image', got {target!r}")
+        self.target = target
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.vae_scale_factor = factor
         self.resolution = int(resolution or sd.unet.config.sample_size * factor)
@@ -247,18 +262,27 @@ class MultiGuidanceSDS:
 
     # ------------------------------------------------------------------------------ compute
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Renders ``[B, 3, H, W]`` in ``[0, 1]`` -> scaled VAE latents (the posterior mean),
-        differentiable with respect to the renders."""
+    def resize(self, images: torch.Tensor) -> torch.Tensor:
+        """Renders ``[B, 3, H, W]`` in ``[0, 1]`` at the model's pixel size (differentiable)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W] in [0, 1], got {tuple(images.shape)}")
         if images.shape[-2:] != (self.resolution, self.resolution):
             images = F.interpolate(
                 images, (self.resolution, self.resolution), mode="bilinear", align_corners=False
             )
-        x = (images * 2 - 1).to(self.vae.dtype)
+        return images
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Renders ``[B, 3, H, W]`` in ``[0, 1]`` -> scaled VAE latents (the posterior mean),
+        differentiable with respect to the renders."""
+        x = (self.resize(images) * 2 - 1).to(self.vae.dtype)
         latents = self.vae.encode(x).latent_dist.mean
         return latents * self.vae.config.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> pixels ``[B, 3, H, W]`` in ``[0, 1]`` (float32)."""
+        x = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return (x.float() / 2 + 0.5).clamp(0, 1)
 
     def _control(self, term: _Term, control_images: Mapping[str, torch.Tensor], batch: int):
         image = control_images.get(term.name, term.control_image)
@@ -367,8 +391,16 @@ class MultiGuidanceSDS:
         """
         if (images is None) == (latents is None):
             raise ValueError("give exactly one of images (pixels in [0, 1]) or latents")
-        # 1. Latents of the renders (gradients flow through the VAE encoder)
-        z = self.encode(images) if images is not None else latents
+        if self.target == "image" and images is None:
+            raise ValueError("target='image' needs pixel renders (images=...), not latents")
+        # 1. Latents of the renders (gradients flow through the VAE encoder, unless the step is
+        # taken in image space)
+        if self.target == "image":
+            pixels = self.resize(images)
+            with torch.no_grad():
+                z = self.encode(pixels)
+        else:
+            z = self.encode(images) if images is not None else latents
         b = z.shape[0]
         # 2. Timesteps and noise
         if t is None:
@@ -390,13 +422,20 @@ class MultiGuidanceSDS:
             weights = self._weights(eps_0, preds, t)
             names = [x.name for x in self.terms]
             eps_hat = multi_guidance(eps_0, [preds[n] for n in names], [weights[n] for n in names])
-            # 4. grad = w(t) (eps_hat - eps), finite and optionally clamped
+            # 4. grad = w(t) (eps_hat - eps), or w(t) (x - D(z0_hat)) in image space; finite and
+            # optionally clamped
             w_t = sds_weight(self.alphas_cumprod[t], self.weighting).view(-1, 1, 1, 1)
-            grad = torch.nan_to_num(
-                w_t * (eps_hat - noise.float()), nan=0.0, posinf=0.0, neginf=0.0
-            )
+            if self.target == "image":
+                z0_hat = (z_t - (1 - a).sqrt() * eps_hat) / a.sqrt()
+                grad = w_t * (pixels.detach().float() - self.decode(z0_hat))
+            else:
+                grad = w_t * (eps_hat - noise.float())
+            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
             if self.grad_clip is not None:
                 grad = grad.clamp(-self.grad_clip, self.grad_clip)
-        # 5. The loss whose gradient with respect to z is grad / B
-        loss = sds_loss(z, grad.to(z.dtype))
+        # 5. The loss whose gradient with respect to z (or the pixels) is grad / B
+        if self.target == "image":
+            loss = sds_loss(pixels, grad.to(pixels.dtype))
+        else:
+            loss = sds_loss(z, grad.to(z.dtype))
         return SDSOutput(loss, t, grad, eps_hat, weights)
