@@ -191,6 +191,9 @@ def calibrated_embeddings(
     return {name: (sums[name] / counts[name]).to(param.dtype) for name, _ in blocks}
 
 
+MISLOAD_GUARD = "NullTextUNet: load this folder with idgen.models.NullTextUNet.from_pretrained"
+
+
 class NullTextUNet(ModelMixin, ConfigMixin):
     """An SD1.5-family UNet without text input: cross-attention replaced by constants ``E_l``.
 
@@ -204,6 +207,9 @@ class NullTextUNet(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, unet_config: dict[str, Any], init: str = "value"):
         super().__init__()
+        # Guard in config.json: UNet2DConditionModel.from_pretrained(<saved folder>) would build a
+        # default UNet and drop every weight with only a warning; this key makes it fail loudly.
+        self.register_to_config(down_block_types=[MISLOAD_GUARD])
         clean = {k: v for k, v in dict(unet_config).items() if not k.startswith("_")}
         self.unet = UNet2DConditionModel(**clean)
         blocks = transformer_blocks(self.unet)
@@ -212,6 +218,11 @@ class NullTextUNet(ModelMixin, ConfigMixin):
         for name, block in blocks:
             _check_block(name, block)
             convert_block(block)
+
+    @classmethod
+    def extract_init_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        config_dict = {k: v for k, v in config_dict.items() if k != "down_block_types"}
+        return super().extract_init_dict(config_dict, **kwargs)
 
     @classmethod
     def from_unet(

@@ -14,11 +14,16 @@ SD15_SCHEDULER_CONFIG = dict(
     beta_start=0.00085,
     beta_end=0.012,
     beta_schedule="scaled_linear",
+    trained_betas=None,
     set_alpha_to_one=False,
     skip_prk_steps=True,
     steps_offset=1,
     prediction_type="epsilon",
 )
+# SD1.5's scheduler_config.json: the above plus clip_sample=False, which PNDMScheduler(**...)
+# rejects but DDIM/DDPM built from the saved config read. Build with
+# PNDMScheduler.from_config(SD15_SCHEDULER_JSON) so the saved config carries it.
+SD15_SCHEDULER_JSON = {**SD15_SCHEDULER_CONFIG, "clip_sample": False}
 
 
 def build_tiny_sd(
@@ -79,7 +84,7 @@ def build_tiny_sd(
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG),
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_JSON),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
