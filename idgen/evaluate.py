@@ -8,11 +8,7 @@ Examples:
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import hydra
@@ -21,10 +17,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from idgen import CONFIG_DIR
-from idgen.callbacks.log_media import GROUP_ENV, finish_loggers, instantiate_loggers, sweep_group
+from idgen.callbacks.log_media import finish_loggers, instantiate_loggers
 from idgen.metrics.clip import Attribute
 from idgen.metrics.evaluation import evaluate_folder
 from idgen.metrics.results import write_metrics
+from idgen.metrics.sample_hook import sample_first, sample_overrides  # noqa: F401 (re-export)
 from idgen.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -34,44 +31,6 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def sample_overrides(sample: DictConfig, run_dir: Path) -> list[str]:
-    """idgen-sample's command line for the ``sample:`` hook (names as in conf/sample.yaml).
-
-    The user's overrides come first; the grid axes (``sampler.w_d``/``sampler.w_c``), the image
-    subfolder and the run dir are set last so they always agree with what evaluation reads.
-    """
-    overrides = [str(o) for o in sample.overrides]
-    for key in ("w_d", "w_c"):  # the grid axes, forwarded to the sampler config
-        if sample.get(key) is not None:
-            overrides.append(f"sampler.{key}={sample[key]}")
-    overrides.append(f"images_subdir={sample.images_subdir}")
-    overrides.append(f"hydra.run.dir={run_dir}")
-    return overrides
-
-
-def sample_first(cfg: DictConfig, output_dir: Path) -> Path:
-    """Run idgen-sample into ``output_dir/sampling`` and return its image folder.
-
-    The sampling run dir is fixed, so rerunning the same evaluation (same hydra.run.dir)
-    resumes: idgen-sample skips images it already wrote.
-    """
-    module = cfg.sample.get("module", "idgen.sample")
-    if importlib.util.find_spec(module) is None:
-        raise RuntimeError(
-            f"sample-then-evaluate runs `python -m {module}`, which is not installed: run "
-            "idgen-sample yourself and pass samples_dir=<its image folder> (and sample=null)."
-        )
-    run_dir = output_dir / "sampling"
-    command = [sys.executable, "-m", module, *sample_overrides(cfg.sample, run_dir)]
-    log.info("sampling first: %s", " ".join(command))
-    env = dict(os.environ)
-    group = sweep_group()
-    if group:  # a wandb logger of the sampling run joins this sweep's group
-        env[GROUP_ENV] = group
-    subprocess.run(command, check=True, env=env)
-    return run_dir / cfg.sample.images_subdir
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -85,7 +44,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
     # 1. the samples: a given folder, or sampled now
     if cfg.sample is not None:
-        samples_dir = sample_first(cfg, output_dir)
+        samples_dir = sample_first(cfg.sample, output_dir)
     elif cfg.samples_dir is None:
         raise ValueError(
             "set samples_dir=<folder of generated images> (or configure `sample` to sample first)."

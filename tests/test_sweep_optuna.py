@@ -59,7 +59,7 @@ def test_two_trial_optuna_run_returns_the_metric(tmp_path):
         sys.executable, "-m", "idgen.evaluate", "hparams_search=guidance_optuna",
         f"hydra.sweep.dir={sweep}", f"reference_dir={ref}", "device=cpu", "~logger",
         "hydra.sweeper.n_trials=2", "metrics.fid.kid=false",
-        "sample.module=stand_in_sampler", f"sample.overrides=['ref={ref}']",
+        "sample.module=stand_in_sampler", "sample.in_process=false", f"sample.overrides=['ref={ref}']",
     ]  # fmt: skip
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -241,7 +241,7 @@ def test_eval_sweep_runs_grouped_and_heatmaps_logged(tmp_path):
     cmd = [
         sys.executable, "-m", "idgen.evaluate", "hparams_search=guidance_grid",
         f"hydra.sweep.dir={sweep}", f"reference_dir={ref}", "device=cpu", "logger=wandb",
-        "metrics.fid.kid=false", "sample.module=stand_in_sampler",
+        "metrics.fid.kid=false", "sample.module=stand_in_sampler", "sample.in_process=false",
         f"sample.overrides=['ref={ref}']", "sample.w_d=0,2", "sample.w_c=1",
     ]  # fmt: skip
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
