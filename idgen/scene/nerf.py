@@ -30,7 +30,8 @@ from idgen.scene.cameras import Cameras, camera_rays
 @dataclass
 class Render:
     """Renders of a batch of cameras: ``rgb [B,3,H,W]`` in ``[0,1]`` (background composited),
-    ``opacity [B,1,H,W]``, ``depth [B,1,H,W]`` (expected distance, 0 where empty)."""
+    ``opacity [B,1,H,W]``, ``depth [B,1,H,W]`` (accumulated ``sum_i w_i t_i``: the expected
+    distance times the opacity, 0 where empty)."""
 
     rgb: torch.Tensor
     opacity: torch.Tensor
