@@ -1,8 +1,7 @@
 """idgen-3d: text-to-3D by score distillation with the multi-guidance mix (paper §4.3, Fig. 10).
 
     idgen-3d prompt='a red circle' model=toyworld scene=toyworld domain_model=<export>
-    idgen-3d model=sd15 model.pretrained=<sd15 folder> domain_model=<export> scene=sd15 \
-        device=cuda dtype=float16 prompt='a photo of a face'
+    idgen-3d model=sd15 model.pretrained=<sd15 folder> domain_model=<export> scene=sd15 sds=sd15 device=cuda
 
 A voxel NeRF (``idgen.scene``) is rendered from random orbit cameras and optimised with the SDS
 loss of ``idgen.sds.MultiGuidanceSDS`` (domain term ``sds.w_d``, text term ``sds.w_c``;
