@@ -73,6 +73,7 @@ def evaluate(cfg: DictConfig) -> dict:
         batch_size=cfg.batch_size,
         device=resolve_device(cfg.device),
         cache_dir=Path(cfg.paths.cache_dir) / "reference_features",
+        scan_cache_dir=Path(cfg.paths.cache_dir) / "scans",  # training's scan of the same folder
         seed=cfg.seed,
         extra_metrics=[instantiate(node) for node in (m.get("extra") or {}).values()],
     )

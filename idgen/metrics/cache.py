@@ -17,18 +17,27 @@ import torch
 
 from idgen.utils.io import atomic_torch_save
 
+# How reference images are read; part of the key, so features read another way are a miss.
+TRANSFORM = "resize-short-side+center-crop/v1"
+
 
 def reference_key(
     root: str | os.PathLike, files: Sequence[Path], resolution: int | None, extractor: str
 ) -> str:
-    """Hex digest over (file list with sizes and mtimes, resolution, extractor id)."""
+    """Hex digest over (file list with sizes and mtimes, resolution, transform, extractor id)."""
     root = Path(root)
     entries = []
     for path in files:
         stat = os.stat(path)
         entries.append([Path(path).relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns])
     payload = json.dumps(
-        {"files": entries, "resolution": resolution, "extractor": extractor}, sort_keys=True
+        {
+            "files": entries,
+            "resolution": resolution,
+            "transform": TRANSFORM,
+            "extractor": extractor,
+        },
+        sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()
 

@@ -137,6 +137,7 @@ def evaluate_folder(
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
     extra_metrics: Sequence[Callable[[list[Path], Path], dict]] | None = None,
+    scan_cache_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Every configured metric of the images in ``samples_dir``; counts reported beside scores.
 
@@ -144,6 +145,8 @@ def evaluate_folder(
     ``attributes``, attribute alignment; ``canny_options`` (``conditions_dir``, ``low``, ``high``)
     the canny discrepancy. Each of ``extra_metrics`` is called as ``metric(sample_paths,
     samples_dir)`` and returns a dict merged into the results (e.g. the toy world's pixel metrics).
+    ``reference_dir`` is read like training's ``data.root`` (scan, skips, resize + centre crop at
+    ``resolution``, by default the samples' size); ``scan_cache_dir`` shares training's scan cache.
     """
     paths = list_images(samples_dir, "samples folder")
     results: dict = {"samples_dir": str(samples_dir), "num_samples": len(paths)}
@@ -163,6 +166,7 @@ def evaluate_folder(
                 batch_size,
                 device,
                 seed=seed,
+                scan_cache_dir=scan_cache_dir,
                 **opts,
             )
         )

@@ -13,7 +13,7 @@ from torch import nn
 from idgen.metrics.cache import cache_path, load_cached, reference_key, save_cached
 from idgen.metrics.features import describe, extract_features, extractor_id
 from idgen.metrics.fid import fid_from_features, kid_from_features
-from idgen.metrics.images import list_images
+from idgen.metrics.images import image_size, scan_reference
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +25,15 @@ def reference_features(
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
+    scan_cache_dir: str | os.PathLike | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Features of every image in ``reference_dir``, from the cache when the key matches.
+    """Features of every usable image in ``reference_dir``, from the cache when the key matches.
 
+    The folder is scanned like training's ``data.root`` (unusable files skipped with one
+    warning) and each image resized and centre-cropped to ``resolution`` like training does.
     Returns (features [N, D], info) where info records the cache outcome and file.
     """
-    files = list_images(reference_dir, "reference image folder")
+    files = scan_reference(reference_dir, scan_cache_dir)
     ident = extractor_id(extractor)
     info: dict = {"reference_dir": str(reference_dir), "num_reference": len(files), "cache": "off"}
     if cache_dir is None:
@@ -61,10 +64,18 @@ def fid_kid(
     kid_subsets: int = 100,
     kid_subset_size: int = 1000,
     seed: int = 0,
+    scan_cache_dir: str | os.PathLike | None = None,
 ) -> dict:
-    """FID (and KID) of ``sample_paths`` vs ``reference_dir``; sample counts reported beside them."""
+    """FID (and KID) of ``sample_paths`` vs ``reference_dir``; sample counts reported beside them.
+
+    ``resolution=None`` evaluates at the samples' size (the short side of the first sample):
+    the reference images, whatever their sizes, are resized and centre-cropped to it.
+    """
+    if resolution is None and sample_paths:
+        resolution = min(image_size(sample_paths[0]))
+        log.info("evaluation resolution %d (the samples' size)", resolution)
     real, info = reference_features(
-        reference_dir, extractor, resolution, cache_dir, batch_size, device
+        reference_dir, extractor, resolution, cache_dir, batch_size, device, scan_cache_dir
     )
     fake = extract_features(extractor, list(sample_paths), resolution, batch_size, device)
     result = {
@@ -75,6 +86,7 @@ def fid_kid(
         "feature_input": describe(extractor),
         "resolution": resolution,
         "reference_cache": info["cache"],
+        "reference_transform": "resize short side + centre crop (as training)",
     }
     if kid:
         mean, std, size = kid_from_features(real, fake, kid_subsets, kid_subset_size, seed)

@@ -97,7 +97,7 @@ def sample_first(sample: DictConfig, output_dir: Path) -> Path:
     module = sample.get("module") or "idgen.sample"
     if importlib.util.find_spec(module) is None:
         raise RuntimeError(
-            f"sample-then-evaluate runs idgen-sample from `{module}`, which is not installed: run "
+            f"sample-then-evaluate runs idgen-sample (`python -m {module}`), which is not installed: run "
             "idgen-sample yourself and pass samples_dir=<its image folder> (and sample=null)."
         )
     run_dir = output_dir / "sampling"
