@@ -402,10 +402,12 @@ def _try_batch(setup, batch: int, device: str) -> tuple[bool, float]:
         setup.step()
         return True, timed(setup.step, device)
     except torch.OutOfMemoryError:
-        setup.optimizer.zero_grad(set_to_none=True)
-        setup.pixels = setup.latents = None
-        reset_peak_memory(device)
-        return False, 0.0
+        pass
+    # Outside the except block: its traceback no longer pins the failed step's activations.
+    setup.optimizer.zero_grad(set_to_none=True)
+    setup.pixels = setup.latents = None
+    reset_peak_memory(device)
+    return False, 0.0
 
 
 def section_cli(rec: Recorder, budget: Budget, device: str, smoke: bool) -> bool:

@@ -137,3 +137,34 @@ def test_smoke_runs_every_section_like_the_gpu_machine(tmp_path):
     assert rows["pytest -m gpu: skipped"]["value"] >= 4  # collected, skipped without CUDA
     assert all(r["ok"] is not False for r in result["rows"])
     assert "ours w_d=w_c=3.5" in proc.stdout  # the printed table
+
+
+def test_bench_scripts_print_ratios_against_a_baseline_of_the_same_run(tmp_path):
+    """The CPU benchmarks the README quotes run (tiny sizes) and report ratios to their baseline."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    train = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "bench_train.py"), "--threads", "1", "--batch", "2"]
+        + ["--steps", "1", "--rounds", "1", "--configs", "vanilla", "null-text+cache"]
+        + ["--json", str(tmp_path / "train.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    rows = {r["config"]: r for r in json.loads((tmp_path / "train.json").read_text())["rows"]}
+    assert rows["vanilla"]["speedup"] == 1.0
+    assert rows["null-text+cache"]["speedup"] > 0
+    # null-text trains fewer weights: attn2's to_q/to_k/to_v are gone, E_l added
+    assert rows["null-text+cache"]["trained_params"] < rows["vanilla"]["trained_params"]
+    sample = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "bench_sampling.py"), "--threads", "1"]
+        + ["--steps", "1", "--batch", "1", "--repeats", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    assert re.search(r"diffusers CFG \(g=7\.5\)\s+\S+\s+1\.00x", sample.stdout)
+    assert re.search(r"InDomain w_d=3\.5, w_c=3\.5\s+\S+\s+\d+\.\d+x", sample.stdout)
