@@ -1,33 +1,115 @@
-"""Heatmap PNGs drawn with PIL (matplotlib is not a dependency)."""
+"""Sweep figures: metric heatmaps (matplotlib) and an image montage over the (w_d, w_c) grid.
+
+Heatmap: one cell per grid point with its value printed at one rounding for the whole map,
+a colour bar, the best cell framed (the frame surrounds the value, it does not cover it). The
+colour map is flipped for lower-is-better metrics, so the better end is always yellow.
+
+Montage: rows are the y axis (w_d), columns the x axis (w_c), each cell a strip of the first few
+samples of that job (the same seeds in every cell), labelled with the axis values.
+"""
 
 from __future__ import annotations
 
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+import matplotlib
 
-from idgen.utils.io import save_image_atomic
+matplotlib.use("Agg")  # files only; never open a window (headless nodes, sweep callbacks)
 
-# viridis anchors: low values dark purple, high values yellow
-_VIRIDIS = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import font_manager  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-
-def colormap(t: float) -> tuple[int, int, int]:
-    """Piecewise-linear viridis for ``t`` in [0, 1]."""
-    t = min(max(t, 0.0), 1.0) * (len(_VIRIDIS) - 1)
-    i = min(int(t), len(_VIRIDIS) - 2)
-    f = t - i
-    a, b = _VIRIDIS[i], _VIRIDIS[i + 1]
-    return tuple(round(a[k] + (b[k] - a[k]) * f) for k in range(3))
+from idgen.utils.io import save_image_atomic  # noqa: E402
 
 
-def _fmt(v: float) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+def decimals_for(values: Sequence[float], digits: int = 3) -> int:
+    """Decimal places showing ``digits`` significant digits of the largest |value| (0 to 4).
+
+    One rounding for the whole map, so 0.250 and 0.031 print as "0.250" and "0.031" rather than
+    "0.25" and "0.0312".
+    """
+    finite = [abs(v) for v in values if v is not None and math.isfinite(v)]
+    largest = max(finite, default=0.0)
+    if largest == 0.0:
+        return 2
+    return int(min(max(digits - 1 - math.floor(math.log10(largest)), 0), 4))
+
+
+def format_value(value: float | None, decimals: int) -> str:
+    if value is None or not math.isfinite(value):
         return "-"
-    return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return f"{value:.{decimals}f}"
+
+
+def _axis_label(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def heatmap_figure(
+    grid: Sequence[Sequence[float | None]],
+    x_values: Sequence,
+    y_values: Sequence,
+    x_label: str,
+    y_label: str,
+    title: str,
+    best: tuple[int, int] | None,
+    higher_is_better: bool = False,
+) -> Figure:
+    """The heatmap of ``grid[row=y][col=x]`` as a matplotlib figure (rows top to bottom)."""
+    rows, cols = len(y_values), len(x_values)
+    values = [v for row in grid for v in row]
+    decimals = decimals_for(values)
+    data = [[math.nan if v is None else float(v) for v in row] for row in grid]
+    fig, ax = plt.subplots(figsize=(1.1 * cols + 2.6, 0.8 * rows + 1.8), dpi=150)
+    cmap = plt.get_cmap("viridis" if higher_is_better else "viridis_r")
+    cmap = cmap.with_extremes(bad="#dddddd")  # unfinished or failed grid points
+    image = ax.imshow(data, cmap=cmap, aspect="auto")
+    bar = fig.colorbar(image, ax=ax, fraction=0.08, pad=0.03)
+    bar.set_label(f"{title.split(' ')[0]} ({'higher' if higher_is_better else 'lower'} is better)")
+    # value labels: dark text on light cells, white on dark ones
+    for r in range(rows):
+        for c in range(cols):
+            v = grid[r][c]
+            rgba = cmap(image.norm(v)) if v is not None and math.isfinite(v) else (0.87,) * 3
+            luminance = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
+            ax.text(
+                c,
+                r,
+                format_value(v, decimals),
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="black" if luminance > 0.5 else "white",
+            )
+    if best is not None:  # a frame just inside the cell border: the value stays readable
+        r, c = best
+        ax.add_patch(
+            Rectangle((c - 0.46, r - 0.46), 0.92, 0.92, fill=False, edgecolor="red", linewidth=2.5)
+        )
+    ax.set_xticks(range(cols), [_axis_label(v) for v in x_values])
+    ax.set_yticks(range(rows), [_axis_label(v) for v in y_values])
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _save_figure(fig: Figure, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=fig.dpi)
+    plt.close(fig)
+    os.replace(tmp, path)  # atomic: a reader never sees half a PNG
+    return path
 
 
 def draw_heatmap(
@@ -39,45 +121,73 @@ def draw_heatmap(
     title: str,
     best: tuple[int, int] | None,
     path: str | os.PathLike,
-    cell: int = 64,
+    higher_is_better: bool = False,
 ) -> Path:
-    """Draw ``grid[row=y][col=x]`` as coloured cells with values; ``best`` (row, col) is framed in red."""
-    font = ImageFont.load_default()
-    left, top, right, bottom = 90, 40, 20, 50
+    """Write :func:`heatmap_figure` as a PNG at ``path``; returns the path."""
+    fig = heatmap_figure(grid, x_values, y_values, x_label, y_label, title, best, higher_is_better)
+    return _save_figure(fig, path)
+
+
+# ------------------------------------------------------------------------------ montage
+
+
+@dataclass
+class MontageLayout:
+    """Where each cell went: ``boxes[(row, col)] = (left, top)`` of its first thumbnail."""
+
+    thumb: int
+    per_cell: int
+    boxes: dict[tuple[int, int], tuple[int, int]]
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:  # matplotlib ships DejaVu Sans: crisp, scalable labels without a system font
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
+    except OSError:  # pragma: no cover
+        return ImageFont.load_default()
+
+
+def draw_montage(
+    cells: dict[tuple[int, int], Sequence[str | os.PathLike]],
+    x_values: Sequence,
+    y_values: Sequence,
+    x_label: str,
+    y_label: str,
+    path: str | os.PathLike,
+    per_cell: int = 3,
+    thumb: int = 96,
+    title: str = "",
+) -> tuple[Path, MontageLayout]:
+    """Rows ``y_values``, columns ``x_values``; cell (r, c) shows the first ``per_cell`` images
+    of ``cells[(r, c)]`` side by side at ``thumb`` px. Missing cells stay blank."""
     rows, cols = len(y_values), len(x_values)
-    width = max(left + cols * cell + right, 8 + int(font.getlength(title)) + 8)
-    height = top + rows * cell + bottom
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    finite = [v for row in grid for v in row if v is not None and math.isfinite(v)]
-    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
-    span = hi - lo or 1.0
-    draw.text((8, 8), title, fill="black", font=font)
-    for r in range(rows):
-        for c in range(cols):
-            v = grid[r][c]
-            x0, y0 = left + c * cell, top + r * cell
-            ok = v is not None and math.isfinite(v)
-            colour = colormap((v - lo) / span) if ok else (200, 200, 200)
-            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=colour, outline="white")
-            luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
-            text = _fmt(v) if ok else "-"
-            draw.text(
-                (x0 + 6, y0 + cell // 2 - 6),
-                text,
-                fill="black" if luminance > 128 else "white",
-                font=font,
-            )
-        draw.text((8, top + r * cell + cell // 2 - 6), f"{y_values[r]}", fill="black", font=font)
-    for c in range(cols):
+    gap, pad = 4, 10
+    font, small = _font(15), _font(13)
+    left = 16 + max(int(small.getlength(f"{y_label}={_axis_label(v)}")) for v in y_values)
+    top = (28 if title else 0) + 30
+    cell_w = per_cell * thumb + (per_cell - 1) * 2
+    width = left + cols * (cell_w + gap) + pad
+    height = top + rows * (thumb + gap) + pad
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((pad, 6), title, fill="black", font=font)
+    boxes: dict[tuple[int, int], tuple[int, int]] = {}
+    for c, xv in enumerate(x_values):
+        label = f"{x_label}={_axis_label(xv)}"
+        x0 = left + c * (cell_w + gap)
         draw.text(
-            (left + c * cell + 6, top + rows * cell + 6), f"{x_values[c]}", fill="black", font=font
+            (x0 + (cell_w - small.getlength(label)) / 2, top - 22), label, fill="black", font=small
         )
-    draw.text((left, top + rows * cell + 26), f"x: {x_label}", fill="black", font=font)
-    draw.text((8, top - 16), f"y: {y_label}", fill="black", font=font)
-    if best is not None:
-        r, c = best
-        x0, y0 = left + c * cell, top + r * cell
-        draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], outline=(255, 0, 0), width=4)
-        draw.text((x0 + 6, y0 + 6), "best", fill=(255, 0, 0), font=font)
-    return save_image_atomic(image, path, text={"title": title})
+    for r, yv in enumerate(y_values):
+        y0 = top + r * (thumb + gap)
+        draw.text((8, y0 + thumb / 2 - 8), f"{y_label}={_axis_label(yv)}", fill="black", font=small)
+        for c in range(cols):
+            x0 = left + c * (cell_w + gap)
+            boxes[(r, c)] = (x0, y0)
+            for k, file in enumerate(list(cells.get((r, c), ()))[:per_cell]):
+                with Image.open(file) as im:
+                    tile = im.convert("RGB").resize((thumb, thumb), Image.Resampling.BICUBIC)
+                canvas.paste(tile, (x0 + k * (thumb + 2), y0))
+    out = save_image_atomic(canvas, path, text={"title": title or "sweep montage"})
+    return out, MontageLayout(thumb=thumb, per_cell=per_cell, boxes=boxes)

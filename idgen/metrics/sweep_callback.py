@@ -17,9 +17,9 @@ log = logging.getLogger(__name__)
 
 
 class SweepSummaryCallback(Callback):
-    """After ``--multirun``, write summary.csv, summary.md and heatmaps into the sweep dir.
+    """After ``--multirun``, write summary.csv, summary.md, heatmaps and montage.png into the sweep dir.
 
-    When the sweep config has loggers, the heatmaps and the summary table also go to them
+    When the sweep config has loggers, the heatmaps, montage and summary table also go to them
     (wandb: one run named ``sweep-summary`` in the sweep's group, files under the sweep dir).
     """
 
@@ -53,6 +53,10 @@ def log_summary(config: DictConfig, sweep_dir: Path, written: dict[str, Path]) -
     for metric, path in heatmaps.items():
         with Image.open(path) as im:
             log_images(loggers, f"sweep/heatmap_{metric}", [im.convert("RGB")], [path.name])
+    if "montage" in written:
+        with Image.open(written["montage"]) as im:
+            caption = "rows w_d, columns w_c: the first samples of every grid point"
+            log_images(loggers, "sweep/montage", [im.convert("RGB")], [caption])
     with open(written["csv"], newline="") as f:
         rows = list(csv.reader(f))
     if rows:

@@ -1,6 +1,6 @@
-"""Summarise a Hydra multirun of idgen-eval: summary.csv, summary.md and heatmap PNGs.
+"""Summarise a Hydra multirun of idgen-eval: summary.csv, summary.md, heatmaps and a montage.
 
-Usage: ``python -m idgen.metrics.sweep_summary <sweep_dir> [--x sampler.w_c] [--y sampler.w_d]``
+Usage: ``python -m idgen.metrics.sweep_summary <sweep_dir> [--x sample.w_c] [--y sample.w_d]``
 
 Each job folder of the sweep holds ``metrics.json`` (written by idgen-eval) and
 ``.hydra/overrides.yaml`` (written by Hydra); the swept overrides become the table columns.
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from idgen.metrics.heatmap import draw_heatmap
+from idgen.metrics.heatmap import draw_heatmap, draw_montage
+from idgen.metrics.images import ImageFolderError, list_images
 from idgen.metrics.results import METRICS_FILE
 from idgen.utils.io import atomic_write_text
 
@@ -163,10 +164,33 @@ def markdown_table(jobs: list[dict], params: list[str], metrics: list[str]) -> s
     return "\n".join(lines)
 
 
+def montage_cells(jobs: list[dict], x: str, y: str) -> tuple[dict, list, list]:
+    """(cells[(row, col)] = that job's sample files, x values, y values); first job per cell."""
+    xs = sorted({j["params"].get(x) for j in jobs}, key=_sort_key)
+    ys = sorted({j["params"].get(y) for j in jobs}, key=_sort_key)
+    cells: dict[tuple[int, int], list[Path]] = {}
+    for j in jobs:
+        where = (ys.index(j["params"].get(y)), xs.index(j["params"].get(x)))
+        folder = j["metrics"].get("samples_dir")
+        if where in cells or not folder:
+            continue
+        try:
+            cells[where] = list_images(folder, "samples folder")
+        except ImageFolderError:  # moved or deleted since: that cell stays blank
+            continue
+    return cells, xs, ys
+
+
 def summarize(
-    sweep_dir: str | os.PathLike, x: str | None = None, y: str | None = None
+    sweep_dir: str | os.PathLike,
+    x: str | None = None,
+    y: str | None = None,
+    per_cell: int = 3,
 ) -> dict[str, Path]:
-    """Write summary.csv, summary.md and heatmap_<metric>.png into ``sweep_dir``; return their paths."""
+    """Write summary.csv, summary.md, heatmap_<metric>.png and montage.png into ``sweep_dir``.
+
+    Returns the written paths by name (``csv``, ``markdown``, ``heatmap_<metric>``, ``montage``).
+    """
     sweep_dir = Path(sweep_dir)
     jobs = collect(sweep_dir)
     params = _param_keys(jobs)
@@ -207,9 +231,22 @@ def summarize(
             grid, xs, ys, best = grid_of(jobs, m, xa, ya)
             better = "higher" if m in HIGHER_IS_BETTER else "lower"
             title = f"{m} ({better} is better) over {ya} x {xa}"
-            path = draw_heatmap(grid, xs, ys, xa, ya, title, best, sweep_dir / f"heatmap_{m}.png")
+            path = draw_heatmap(
+                grid, xs, ys, xa, ya, title, best, sweep_dir / f"heatmap_{m}.png",
+                higher_is_better=m in HIGHER_IS_BETTER,
+            )  # fmt: skip
             written[f"heatmap_{m}"] = path
             md += [f"![{m}]({path.name})", ""]
+
+        # 4. montage: the first samples of every grid point (same seeds in every cell)
+        cells, xs, ys = montage_cells(jobs, xa, ya)
+        if cells:
+            path, _ = draw_montage(
+                cells, xs, ys, xa.split(".")[-1], ya.split(".")[-1], sweep_dir / "montage.png",
+                per_cell=per_cell, title=f"{sweep_dir.name}: first {per_cell} samples per point",
+            )  # fmt: skip
+            written["montage"] = path
+            md += ["![montage](montage.png)", ""]
     written["markdown"] = atomic_write_text(sweep_dir / "summary.md", "\n".join(md))
     return written
 
@@ -219,8 +256,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sweep_dir", help="a Hydra multirun folder of idgen-eval jobs")
     parser.add_argument("--x", help="override name on the x axis (default: the one ending in w_c)")
     parser.add_argument("--y", help="override name on the y axis (default: the one ending in w_d)")
+    parser.add_argument("--per-cell", type=int, default=3, help="samples per montage cell")
     args = parser.parse_args(argv)
-    written = summarize(args.sweep_dir, args.x, args.y)
+    written = summarize(args.sweep_dir, args.x, args.y, args.per_cell)
     print((Path(args.sweep_dir) / "summary.md").read_text())
     for name, path in written.items():
         print(f"{name}: {path}")
