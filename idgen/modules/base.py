@@ -173,16 +173,17 @@ class DiffusionTrainingModule(L.LightningModule):
         if not norms:
             return
         total = torch.stack(norms).norm()
-        if not bool(torch.isfinite(total)):
-            if self.nonfinite_loss == "stop":
-                raise NonFiniteLossError(self._nonfinite_message("The gradient norm"))
-            # skip: optimizers leave parameters without a gradient untouched
+        finite = bool(torch.isfinite(total))
+        if not finite and self.nonfinite_loss == "stop":
+            raise NonFiniteLossError(self._nonfinite_message("The gradient norm"))
+        if not finite:  # skip: optimizers leave parameters without a gradient untouched
             for p in params:
                 p.grad = None
             self.nonfinite_skipped += 1
+        if self.nonfinite_loss == "skip":  # the running count of skipped steps
             self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True)
-            return
-        self.log("train/grad_norm", total, on_step=True, on_epoch=False)
+        if finite:
+            self.log("train/grad_norm", total, on_step=True, on_epoch=False)
 
     # --- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -90,7 +90,8 @@ class ResumableModelCheckpoint(ModelCheckpoint):
     replaces in the top-k is deleted; a kill in between leaves that older file outside the
     restored ``best_k_models`` and Lightning never deletes it. At the start of training, files in
     ``dirpath`` at or before the resumed step are adopted back (scored by their global step when
-    ``monitor="step"``) and the set is pruned to ``save_top_k``.
+    ``monitor="step"``) and the set is pruned to ``save_top_k``; the checkpoint a run resumed
+    from is pruned like the others once newer ones exist (Lightning keeps it forever).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -98,6 +99,13 @@ class ResumableModelCheckpoint(ModelCheckpoint):
         # last-v1.ckpt / step_N-v1.ckpt next to the files a killed run left.
         kwargs.setdefault("enable_version_counter", False)
         super().__init__(*args, **kwargs)
+
+    def _should_remove_checkpoint(self, trainer: L.Trainer, previous: str, current: str) -> bool:
+        # Lightning never deletes the file a run resumed from; here it is one of this folder's
+        # top-k like any other, and it goes only after a newer checkpoint is completely written.
+        if previous == current or not self.dirpath:
+            return False
+        return Path(self.dirpath).absolute() in Path(previous).absolute().parents
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
