@@ -153,3 +153,23 @@ def test_callback_needs_a_prompt_plan(tmp_path):
     )
     with pytest.raises(ValueError, match="PromptsDataModule"):
         trainer.predict(module, dataloaders=DataLoader([{"prompt": "x"}], collate_fn=list))
+
+
+def test_reuse_every_reaches_the_sampler_from_the_command_line(tmp_path):
+    """sampler.domain_reuse_every=k composes into the domain term the pipeline receives."""
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_config
+
+    cfg = compose_config("sample", tmp_path, ["sampler.domain_reuse_every=3", "sampler.w_d=2.0"])
+    settings: SamplerSettings = instantiate(cfg.sampler)
+    kwargs = settings.pipeline_kwargs(settings.guidance_terms())
+    domain, control = kwargs["guidance"]
+    assert (domain.name, domain.model, domain.weight, domain.reuse_every) == (
+        "domain",
+        "domain_unet",
+        2.0,
+        3,
+    )
+    assert (control.name, control.weight, control.reuse_every) == ("control", "auto", 1)
+    assert kwargs["num_inference_steps"] == 100 and kwargs["image"] is None
