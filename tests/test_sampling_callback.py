@@ -173,3 +173,32 @@ def test_reuse_every_reaches_the_sampler_from_the_command_line(tmp_path):
     )
     assert (control.name, control.weight, control.reuse_every) == ("control", "auto", 1)
     assert kwargs["num_inference_steps"] == 100 and kwargs["image"] is None
+
+
+class _NaNModel(torch.nn.Module):
+    """A text-free 'model' whose prediction is NaN (a diverged or overflowing model)."""
+
+    dtype = torch.float32
+
+    def forward(self, sample, timestep, return_dict=False):
+        return (torch.full_like(sample, float("nan")),)
+
+
+def test_non_finite_images_are_never_written(tmp_path):
+    from idgen.guidance import GuidanceTerm
+    from idgen.sampling import DomainModel
+
+    sampling = DecoupledGuidanceSampling(
+        sd=build_tiny_sd,
+        terms=[GuidanceTerm("broken", model=_NaNModel(), weight=1.0)],
+        settings=SamplerSettings(num_inference_steps=2),
+        out_dir=tmp_path,
+    )
+    trainer = L.Trainer(accelerator="cpu", devices=1, callbacks=[sampling], logger=False)
+    with pytest.raises(FloatingPointError, match="non-finite pixels"):
+        trainer.predict(
+            DomainModel(None),
+            datamodule=PromptsDataModule([PROMPT], 2, batch_size=2),
+            return_predictions=False,
+        )
+    assert not list((tmp_path / "samples").glob("*.png"))

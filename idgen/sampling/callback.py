@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
+from diffusers.image_processor import VaeImageProcessor
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
@@ -191,17 +193,29 @@ class DecoupledGuidanceSampling(Callback):
             generator=generators,
             height=self.resolution,
             width=self.resolution,
-            output_type="pil",
+            output_type="np",
             callback_on_step_end=self.trace,
             **kwargs,
         )
+        real = out.images[: len(items)]
+        if not np.isfinite(real).all():
+            bad = [
+                (it["prompt"], it["seed"])
+                for it, im in zip(items, real, strict=True)
+                if not np.isfinite(im).all()
+            ]
+            raise FloatingPointError(
+                f"non-finite pixels for (prompt, seed) {bad}; nothing was written for them. "
+                "Check the guidance weights and the models' dtype (float16 overflows: try bfloat16)."
+            )
+        images = VaeImageProcessor.numpy_to_pil(real)  # what output_type="pil" gives
         if self.trace is not None:
             self.trace.end_call(len(items), out.guidance_weights)
         # 3. Per image: the PIL image and the weights it was sampled with.
         return [
             {
                 **item,
-                "image": out.images[row],
+                "image": images[row],
                 "guidance_weights": {
                     k: round(float(v[row]), 6) for k, v in out.guidance_weights.items()
                 },
