@@ -111,3 +111,18 @@ def test_bad_inputs_fail_early(tmp_path):
     cfg = compose_config("3d", tmp_path, [*FAST, "init.image=a.png", "init.mesh=b.obj"])
     with pytest.raises(ValueError, match="exclusive"):
         text_to_3d(cfg)
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    import torch
+
+    straight = compose_config("3d", tmp_path / "a", [*FAST, "steps=4", "checkpoint_every=0"])
+    text_to_3d(straight)
+    first = compose_config("3d", tmp_path / "b", [*FAST, "steps=2", "checkpoint_every=0"])
+    text_to_3d(first)
+    text_to_3d(compose_config("3d", tmp_path / "b", [*FAST, "steps=4", "checkpoint_every=0"]))
+    a = torch.load(tmp_path / "a/run/checkpoints/last.pt", weights_only=False)
+    b = torch.load(tmp_path / "b/run/checkpoints/last.pt", weights_only=False)
+    assert a["step"] == b["step"] == 4
+    torch.testing.assert_close(a["nerf"]["grid"], b["nerf"]["grid"])
+    assert a["history"]["sds"] == pytest.approx(b["history"]["sds"])
