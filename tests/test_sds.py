@@ -228,3 +228,42 @@ def test_image_target_gradient_is_pixels_minus_decoded_one_step_estimate(models)
     torch.testing.assert_close(images.grad, expected / 2, atol=1e-4, rtol=1e-3)
     with pytest.raises(ValueError, match="pixel renders"):
         sds(latents=z)
+
+
+def test_controlnet_on_the_control_term_matches_diffusers_residuals(models):
+    from diffusers import ControlNetModel
+
+    sd, _ = models
+    torch.manual_seed(1)
+    cn = ControlNetModel.from_unet(sd.unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+    with torch.no_grad():  # from_unet zero-initialises the outputs: make them matter
+        for p in cn.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    sds = MultiGuidanceSDS(sd, PROMPT, w_c=3.0, controlnet=cn)
+    z, noise, t = draw(b=2)
+    cond_image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    out = sds(latents=z, t=t, noise=noise, control_images={"control": cond_image})
+
+    z_t = DDPMScheduler.from_config(sd.scheduler.config).add_noise(z, noise, t)
+    cond, uncond = sd.encode_prompt(PROMPT, "cpu", 1, True, negative_prompt="")
+    with torch.no_grad():
+        down, mid = cn(
+            z_t,
+            t,
+            encoder_hidden_states=cond.expand(2, -1, -1),
+            controlnet_cond=cond_image.expand(2, -1, -1, -1),
+            return_dict=False,
+        )
+        eps_c = sd.unet(
+            z_t,
+            t,
+            encoder_hidden_states=cond.expand(2, -1, -1),
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        ).sample
+        eps_u = sd.unet(z_t, t, encoder_hidden_states=uncond.expand(2, -1, -1)).sample
+        plain = sd.unet(z_t, t, encoder_hidden_states=cond.expand(2, -1, -1)).sample
+    torch.testing.assert_close(out.noise_pred, eps_u + 3.0 * (eps_c - eps_u), atol=1e-5, rtol=1e-4)
+    assert (eps_c - plain).abs().max() > 1e-4  # the ControlNet changed the prediction
+    with pytest.raises(ValueError, match="control_images"):
+        sds(latents=z, t=t, noise=noise)
