@@ -110,6 +110,10 @@ def test_spatial_suite_and_sampler_compose(tmp_path):
     cfg = compose_config("sample", tmp_path, ["model=toyworld", "sampler=controlnet_toyworld"])
     assert cfg.sampler.name == "controlnet"
     assert cfg.sampler.controlnet == str(CONTROLNET_DIR)
+    # the recipe measures the ControlNet at the scale the sampler uses
+    from idgen.toyworld.pretrain_controlnet import Recipe
+
+    assert cfg.sampler.controlnet_conditioning_scale == Recipe().conditioning_scale
 
 
 def test_recipe_writes_a_loadable_controlnet(tmp_path):
