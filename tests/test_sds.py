@@ -267,3 +267,16 @@ def test_controlnet_on_the_control_term_matches_diffusers_residuals(models):
     assert (eps_c - plain).abs().max() > 1e-4  # the ControlNet changed the prediction
     with pytest.raises(ValueError, match="control_images"):
         sds(latents=z, t=t, noise=noise)
+
+
+def test_domain_interval_keeps_the_domain_term_to_high_noise(models):
+    sd, domain = models
+    sds = MultiGuidanceSDS(
+        sd, PROMPT, domain_model=domain, w_d=2.0, w_c=1.0, domain_interval=(0.0, 0.5)
+    )
+    z, noise, t = draw()  # fractions 0.95, 0.5, 0.1
+    out = sds(latents=z, t=t, noise=noise)
+    torch.testing.assert_close(out.weights["domain"], torch.tensor([0.0, 2.0, 2.0]))
+    torch.testing.assert_close(out.weights["control"], torch.tensor([1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="interval"):
+        MultiGuidanceSDS(sd, PROMPT, domain_model=domain, w_d=1.0, domain_interval=(0.8, 0.2))

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from idgen.guidance import GuidanceTerm, auto_weight, multi_guidance
+from idgen.guidance import GuidanceTerm, auto_weight, is_active, multi_guidance
 from idgen.sds.schedule import TimestepSchedule, Weighting, sds_weight
 
 
@@ -115,6 +115,8 @@ class MultiGuidanceSDS:
         extra_guidance: more ``GuidanceTerm``s (community checkpoints, a second domain model...).
             ``start``/``end`` are fractions of the denoising schedule as in sampling: a view whose
             ``t`` lies outside ``[1 - end, 1 - start] * T`` gets weight 0 for that term.
+        domain_interval, control_interval: the same ``(start, end)`` for the domain and the
+            control term (``idgen-sample``'s ``sampler.domain_interval``/``control_interval``).
         timesteps: the timestep range and its annealing; weighting: ``w(t)``.
         grad_clip: clamp each element of ``grad`` to ``[-grad_clip, grad_clip]`` (None: off).
         resolution: the pixel size renders are resized to before encoding (None: the model's
@@ -140,6 +142,8 @@ class MultiGuidanceSDS:
         grad_clip: float | None = None,
         resolution: int | None = None,
         target: Literal["latent", "image"] = "latent",
+        domain_interval: Sequence[float] = (0.0, 1.0),
+        control_interval: Sequence[float] = (0.0, 1.0),
     ):
         self.sd = sd
         self.unet, self.vae = sd.unet, sd.vae
@@ -171,6 +175,11 @@ class MultiGuidanceSDS:
         self.terms = self._resolve_terms(
             prompt, domain_model, w_d, w_c, controlnet, list(extra_guidance)
         )
+        for term in self.terms:
+            interval = {"domain": domain_interval, "control": control_interval}.get(term.name)
+            if interval is not None:
+                term.start, term.end = (float(v) for v in interval)
+            is_active(0, 1, term.start, term.end)  # raises on a malformed interval
         # Automatic weights once computed (name -> float); saved with checkpoints for resume.
         self.held: dict[str, float] = {}
 
