@@ -56,6 +56,12 @@ class Trained:
     budget: dict | None = None
 
 
+def base_overrides(args: argparse.Namespace) -> list[str]:
+    """``model.pretrained=<--base>`` when another toy base than the shipped one is asked for."""
+    base = getattr(args, "base", None)
+    return [] if base is None else [f"model.pretrained={Path(base).resolve()}"]
+
+
 # --- training -----------------------------------------------------------------------------------
 def train(args: argparse.Namespace, name: str) -> Trained:
     """``idgen-train experiment=<row's experiment>`` into ``<out>/<name>``; skipped when exported."""
@@ -65,7 +71,7 @@ def train(args: argparse.Namespace, name: str) -> Trained:
     if experiment is None:
         return Trained(name, None, 0)
     run_dir = args.out.resolve() / name
-    overrides = training_overrides(args, experiment)
+    overrides = training_overrides(args, experiment) + base_overrides(args)
     if name == "ours" and args.inversion_steps is not None:
         overrides.append(f"inversion_steps={args.inversion_steps}")
     cfg = compose_run("train", run_dir, overrides)
@@ -121,6 +127,7 @@ def sampler_overrides(args: argparse.Namespace, trained: Trained, spatial: bool)
         f"sampler.w_c={args.w_c}",
         f"sampler.w_d={args.w_d if trained.name == 'ours' else 0.0}",
         f"sampler.num_inference_steps={args.sample_steps}",
+        *base_overrides(args),
     ]
     if args.controlnet is not None and spatial:
         overrides.append(f"sampler.controlnet={Path(args.controlnet).resolve()}")

@@ -80,6 +80,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--conditions", type=int, default=12, help="ControlNet masks")
     p.add_argument("--per-condition", type=int, default=4, help="samples per mask")
     p.add_argument("--controlnet", default=None, help="ControlNet folder (default: shipped)")
+    p.add_argument("--base", default=None, help="toy base folder (default: shipped)")
     p.add_argument("--batch-size", type=int, default=24, help="images per sampling call")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
@@ -269,6 +270,7 @@ def run(args: argparse.Namespace) -> dict:
             "conditions": args.conditions,
             "per_condition": args.per_condition,
             "controlnet": args.controlnet or "idgen/toyworld/controlnet (shipped)",
+            "base": args.base or "idgen/toyworld/base (shipped)",
             "threads": args.threads,
             "seed": args.seed,
             "budgets": {n: r["budget"] for n, r in rows.items() if r["budget"]},
