@@ -46,7 +46,7 @@ from diffusers import (
 )
 
 from idgen.models import build_tiny_sd
-from idgen.models.tiny import SD15_SCHEDULER_CONFIG
+from idgen.models.tiny import SD15_SCHEDULER_JSON
 from idgen.modules.ema import EMA
 from idgen.toyworld.metrics import read_image, score, to_uint8_arrays
 from idgen.toyworld.render import (
@@ -379,7 +379,7 @@ def pretrain(out: str | os.PathLike, recipe: Recipe, log_every: int = 100) -> di
         text_encoder=tiny.text_encoder.requires_grad_(False).eval(),
         tokenizer=tiny.tokenizer,
         unet=unet,
-        scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG),
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_JSON),  # SD1.5's, clip_sample included
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
