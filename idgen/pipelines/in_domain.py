@@ -34,12 +34,12 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img impo
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from idgen.guidance import CONTROL, GuidanceTerm, Guider, decoupled_terms, is_active
+from idgen.guidance import CONTROL, DOMAIN, GuidanceTerm, Guider, decoupled_terms, is_active
 from idgen.pipelines.controlnet_residuals import Chunk, Control, chunk_residuals, split_multi
 
 WeightMode = Literal["auto", "fixed"]
 UNCOND = "uncond"  # the frozen SD's unconditional prediction eps_sd(z, "")
-_WEIGHT_ARGS = {"domain": "w_d", CONTROL: "w_c"}  # error messages name the call's arguments
+_WEIGHT_ARGS = {DOMAIN: "w_d", CONTROL: "w_c"}  # error messages name the call's arguments
 
 # Written beside a saved pipeline so that plain diffusers finds the class:
 # DiffusionPipeline.from_pretrained(folder, custom_pipeline=<folder>/pipeline.py, trust_remote_code=True)
