@@ -9,6 +9,7 @@ Examples:
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -23,6 +24,7 @@ from idgen.metrics.evaluation import evaluate_folder
 from idgen.metrics.results import write_metrics
 from idgen.metrics.sample_hook import sample_first, sample_overrides  # noqa: F401 (re-export)
 from idgen.utils.io import atomic_write_text
+from idgen.utils.validation import accept_null_groups, cli_errors, validate_eval
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ def resolve_device(device: str) -> str:
 
 def evaluate(cfg: DictConfig) -> dict:
     """Compute the configured metrics, write metrics.json in the run dir, log them; return them."""
+    validate_eval(cfg)  # folders, numbers, device: before any image or extractor is read
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     job_cfg = OmegaConf.masked_copy(
@@ -107,10 +110,20 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval.yaml")
-def main(cfg: DictConfig) -> float | None:
+@cli_errors
+def hydra_main(cfg: DictConfig) -> float | None:
     results = evaluate(cfg)
     metric = cfg.get("optimized_metric")
     return float(results[metric]) if metric and metric in results else None
+
+
+def main() -> None:
+    """``idgen-eval``: ``logger=null`` (any ``group=null``) is accepted as "no group"."""
+    sys.argv = accept_null_groups(sys.argv, CONFIG_DIR)
+    hydra_main()
+
+
+main.__wrapped__ = hydra_main.__wrapped__  # the task itself (sweepers and tests call it with a cfg)
 
 
 if __name__ == "__main__":

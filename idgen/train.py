@@ -18,6 +18,7 @@ from idgen.data.transforms import to_pil
 from idgen.modules.checkpoint_io import (
     AtomicCheckpointIO,
     newest_complete_checkpoint,
+    pending_log,
     remove_incomplete_checkpoints,
 )
 from idgen.preview import write_base_grid
@@ -198,7 +199,7 @@ def _wandb_id(output_dir: Path, stage: str, resuming: bool) -> str:
     path = output_dir / WANDB_IDS_FILE
     ids = json.loads(path.read_text()) if path.is_file() else {}
     if not resuming or stage not in ids:
-        from wandb.util import generate_id
+        from wandb.sdk.lib.runid import generate_id
 
         ids[stage] = generate_id()
         if rank_zero_only.rank == 0:
@@ -207,7 +208,10 @@ def _wandb_id(output_dir: Path, stage: str, resuming: bool) -> str:
 
 
 def _loggers(
-    cfg: DictConfig, suffix: str | None = None, resume_step: int | None = None
+    cfg: DictConfig,
+    suffix: str | None = None,
+    resume_step: int | None = None,
+    resume_ckpt: str | None = None,
 ) -> list[Logger]:
     """Loggers for one stage; stage 1's get ``suffix`` in their name so runs stay apart.
 
@@ -227,11 +231,16 @@ def _loggers(
         if "wandb" in target.lower() and "id" not in node:
             kwargs["id"] = _wandb_id(output_dir, suffix or "finetune", resume_step is not None)
             kwargs["resume"] = "allow"
+        pending = pending_log(resume_ckpt) if resume_ckpt else None
         if resume_step is not None and target.endswith("TensorBoardLogger"):
-            kwargs["purge_step"] = resume_step
+            kwargs["purge_step"] = pending["step"] if pending else resume_step
         logger = instantiate(node, **kwargs)
         if resume_step is not None and hasattr(logger, "drop_rows_from"):
             logger.drop_rows_from(resume_step)
+            if pending:  # the checkpoint step's own row, if the kill came before it was logged
+                logger.restore_row(pending["step"], pending["metrics"])
+        elif pending and target.endswith("TensorBoardLogger"):
+            logger.log_metrics(pending["metrics"], step=pending["step"])
         loggers.append(logger)
     return loggers
 
@@ -311,7 +320,7 @@ def run_finetune(
     module = instantiate(cfg.module, model_loader=sd_loader, **extra)
     module.nonfinite_loss = cfg.get("nonfinite_loss", "stop")
     ckpt_path, resume_step = resume
-    loggers = _loggers(cfg, resume_step=resume_step)
+    loggers = _loggers(cfg, resume_step=resume_step, resume_ckpt=ckpt_path)
     trainer = instantiate(
         cfg.trainer,
         callbacks=_callbacks(cfg, checkpointing=True),

@@ -100,6 +100,26 @@ class ResumableModelCheckpoint(ModelCheckpoint):
         kwargs.setdefault("enable_version_counter", False)
         super().__init__(*args, **kwargs)
 
+    _pending_log: dict[str, Any] | None = None
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        # This step's metrics are logged only after on_train_batch_end (where checkpoints are
+        # written): a kill in between would lose that row for good, since the resumed run starts
+        # after this step. So the checkpoint carries it, and what is logged so far is flushed.
+        if trainer.training:
+            logged = trainer._logger_connector.metrics["log"]
+            self._pending_log = {
+                "step": int(trainer.fit_loop.epoch_loop._batches_that_stepped),
+                "metrics": {k: float(v) for k, v in logged.items() if v.numel() == 1}
+                | {"epoch": trainer.current_epoch},
+            }
+            for logger in trainer.loggers:
+                logger.save()
+        super()._save_checkpoint(trainer, filepath)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "pending_log": self._pending_log}
+
     def _should_remove_checkpoint(self, trainer: L.Trainer, previous: str, current: str) -> bool:
         # Lightning never deletes the file a run resumed from; here it is one of this folder's
         # top-k like any other, and it goes only after a newer checkpoint is completely written.
@@ -162,3 +182,12 @@ def remove_incomplete_checkpoints(dirpath: str | os.PathLike) -> list[Path]:
             removed.append(path)
             log.warning("removed the incomplete checkpoint file %s (an interrupted write)", path)
     return removed
+
+
+def pending_log(checkpoint_path: str | os.PathLike) -> dict[str, Any] | None:
+    """The metrics row of a checkpoint's own step (see ``ResumableModelCheckpoint``), if any."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=False)
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if isinstance(state, dict) and state.get("pending_log"):
+            return state["pending_log"]
+    return None

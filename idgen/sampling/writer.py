@@ -25,6 +25,7 @@ from idgen.callbacks.log_media import log_images
 from idgen.sampling.plan import SamplingPlan
 from idgen.utils.images import make_grid
 from idgen.utils.io import atomic_write_text, save_image_atomic
+from idgen.utils.validation import assert_finite_images
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class SampleWriter:
 
     def write(self, item: dict[str, Any]) -> None:
         """One finished image (``item``: a plan item + ``image`` + ``guidance_weights``)."""
+        assert_finite_images([item])  # a NaN result is never written nor counted as done
         record = self.record(item)
         save_image_atomic(
             item["image"],

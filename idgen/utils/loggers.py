@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import logging
 import os
@@ -29,8 +30,100 @@ def wandb_has_key() -> bool:
         return False
 
 
-def wandb_logger(offline: bool | None = None, **kwargs) -> WandbLogger:
-    """A ``WandbLogger`` that runs offline (and says so once) when no API key is configured."""
+# Resolved config snapshots idgen writes into a run dir (eval, sample), then Hydra's own.
+RUN_CONFIG_FILES = ("config.yaml", "sample_config.yaml", ".hydra/config.yaml")
+# Images written before training starts; logged with the run so the dashboard shows them.
+RUN_GRIDS = {
+    "data_grid.png": "data: the first training batch (after resize and crop)",
+    "base_grid.png": "base model on the preview prompts, before training",
+}
+
+
+def run_config(run_dir: str | os.PathLike) -> dict | None:
+    """The full config of the run in ``run_dir`` (resolved when possible), or None."""
+    from omegaconf import OmegaConf
+
+    for name in RUN_CONFIG_FILES:
+        path = os.path.join(run_dir, name)
+        if not os.path.isfile(path):
+            continue
+        cfg = OmegaConf.load(path)
+        if "hydra" in cfg:
+            cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        try:
+            return OmegaConf.to_container(cfg, resolve=True)
+        except Exception:  # e.g. ${hydra:...} outside the app: keep the text as written
+            return OmegaConf.to_container(cfg, resolve=False)
+    return None
+
+
+class RunWandbLogger(WandbLogger):
+    """``WandbLogger`` whose run carries the whole story of its run dir.
+
+    When the run starts (lazily, at the first log) it records the full config of the run
+    (``config.yaml`` / ``sample_config.yaml`` / ``.hydra/config.yaml`` in ``save_dir``) as the
+    wandb config, next to the module's hyper-parameters Lightning adds, and logs the data and
+    base-model grids found there, captioned.
+    """
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        new = self._experiment is None
+        # A resumed run (same id, see idgen-train's wandb_run_ids.json) already has the grids.
+        run_id = self._wandb_init.get("id")
+        resumed = bool(run_id) and bool(
+            glob.glob(os.path.join(self.save_dir or ".", "wandb", f"*run-*-{run_id}"))
+        )
+        run = super().experiment
+        if new and run is not None and self.save_dir:
+            config = run_config(self.save_dir)
+            if config:
+                run.config.update(config, allow_val_change=True)
+            if not resumed:
+                self._log_run_grids(run)
+        return run
+
+    def _log_run_grids(self, run) -> None:
+        import wandb
+        from PIL import Image
+
+        for name, caption in RUN_GRIDS.items():
+            path = os.path.join(self.save_dir, name)
+            if os.path.isfile(path):
+                with Image.open(path) as image:
+                    run.log(
+                        {f"grids/{name[:-4]}": wandb.Image(image.convert("RGB"), caption=caption)}
+                    )
+
+
+def _default_group(save_dir: str | None) -> str | None:
+    """Sweep jobs: the sweep's group; otherwise the run dir's name (the stages of one run)."""
+    from idgen.callbacks.log_media import sweep_group
+
+    return sweep_group() or (os.path.basename(os.path.normpath(save_dir)) if save_dir else None)
+
+
+def _job_suffix() -> str:
+    """`` <overrides>`` of a multirun job (e.g. ``sample.w_c=1,sample.w_d=0``); "" otherwise."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            return f" {HydraConfig.get().job.override_dirname}".rstrip()
+    except Exception:  # outside a Hydra app
+        pass
+    return ""
+
+
+def wandb_logger(offline: bool | None = None, job_suffix: bool = True, **kwargs) -> WandbLogger:
+    """A wandb logger that runs offline (and says so once) when no API key is configured.
+
+    ``group`` defaults to the sweep (multirun jobs) or the run dir (the stages of one training
+    run share it); a multirun job's ``name`` gets its overrides (unless ``job_suffix=False``).
+    See :class:`RunWandbLogger`.
+    """
     mode = os.environ.get("WANDB_MODE", "").lower()
     if offline is None:
         offline = mode in ("offline", "dryrun", "disabled") or not wandb_has_key()
@@ -41,7 +134,11 @@ def wandb_logger(offline: bool | None = None, **kwargs) -> WandbLogger:
             )
     if offline:
         os.environ.setdefault("WANDB_MODE", "offline")
-    return WandbLogger(offline=offline, **kwargs)
+    if kwargs.get("group") is None:
+        kwargs["group"] = _default_group(kwargs.get("save_dir"))
+    if kwargs.get("name") and job_suffix:
+        kwargs["name"] = f"{kwargs['name']}{_job_suffix()}"
+    return RunWandbLogger(offline=offline, **kwargs)
 
 
 class _ContinuingWriter(ExperimentWriter):
@@ -87,3 +184,17 @@ class ResumableCSVLogger(CSVLogger):
             writer.writerows(keep)
             atomic_write_text(path, buf.getvalue())
         return len(rows) - len(keep)
+
+    @rank_zero_only
+    def restore_row(self, step: int, metrics: dict[str, float]) -> bool:
+        """Append the row of ``step`` unless ``metrics.csv`` already has its keys at that step."""
+        path = os.path.join(self.log_dir, ExperimentWriter.NAME_METRICS_FILE)
+        if os.path.isfile(path):
+            with open(path, newline="") as file:
+                for row in csv.DictReader(file):
+                    same = row.get("step") and int(float(row["step"])) == step
+                    if same and all(row.get(k) not in (None, "") for k in metrics):
+                        return False
+        self.log_metrics(metrics, step=step)
+        self.save()
+        return True
