@@ -46,7 +46,9 @@ def log_summary(config: DictConfig, sweep_dir: Path, written: dict[str, Path]) -
     cfg = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(sweep_dir)
-    loggers = instantiate_loggers(cfg.logger, name="sweep-summary", group=sweep_dir.name)
+    loggers = instantiate_loggers(
+        cfg.logger, name="sweep-summary", group=sweep_dir.name, job_suffix=False
+    )
     heatmaps = {
         k.removeprefix("heatmap_"): p for k, p in written.items() if k.startswith("heatmap_")
     }
