@@ -30,8 +30,12 @@ from tradeoff import write_tradeoff
 from idgen.toyworld.render import all_captions
 
 
-def sweep(job: Path, name: str, sample_overrides: list[str], grid: list[str], args) -> Path:
-    """One idgen-eval multirun into ``job/sweep_<name>``; skipped when its summary exists."""
+def sweep(job: Path, name: str, fields: dict, overrides: list[str], grid: list[str], args) -> Path:
+    """One idgen-eval multirun into ``job/sweep_<name>``; skipped when its summary exists.
+
+    ``fields``: idgen-eval's ``sample.<field>`` options (domain_model, baseline_model, sampler);
+    ``overrides``: other idgen-sample overrides, verbatim.
+    """
     sweep_dir = job / f"sweep_{name}"
     if (sweep_dir / "summary.csv").is_file() and not args.force:
         print(f"{sweep_dir}: done (use --force to redo)")
@@ -40,23 +44,27 @@ def sweep(job: Path, name: str, sample_overrides: list[str], grid: list[str], ar
         shutil.rmtree(sweep_dir)  # its samples would otherwise be resumed, not redrawn
     prompts = job / "sweep_prompts.txt"
     prompts.write_text("\n".join(all_captions()) + "\n")
-    common = [
-        "model=toyworld",
-        "prompts=[]",  # only the captions of the file (sample.yaml has default prompts)
-        f"prompt_file={prompts}",
-        f"images_per_prompt={args.images_per_prompt}",
-        f"sampler.num_inference_steps={args.sample_steps}",
-        "batch_size=24",
+    fields = {
+        "model": "toyworld",
+        "prompt_file": prompts,
+        "images_per_prompt": args.images_per_prompt,
+        "steps": args.sample_steps,
+        "batch_size": 24,
+        "seed": args.seed,
+        **fields,
+    }
+    overrides = [
+        *overrides,
+        "prompts=[]",  # only the captions of the file, not sample.yaml's default prompts
         f"paths.cache_dir={job / 'cache'}",
-        f"seed={args.seed}",
         "+trainer.enable_progress_bar=false",
     ]
-    # quoted: the values hold '=' and paths
-    overrides = ",".join(f"'{o}'" for o in common + sample_overrides)
+    quoted = ",".join(f"'{o}'" for o in overrides)  # quoted: the values hold '=' and paths
     cmd = [
         sys.executable, "-m", "idgen.evaluate", "hparams_search=guidance_grid", "metrics=toyworld",
         f"hydra.sweep.dir={sweep_dir}", f"reference_dir={job / 'domain'}", "device=cpu", "~logger",
-        f"paths.cache_dir={job / 'cache'}", f"sample.overrides=[{overrides}]", *grid,
+        f"paths.cache_dir={job / 'cache'}", *(f"sample.{k}={v}" for k, v in fields.items()),
+        f"sample.overrides=[{quoted}]", *grid,
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")
     print(" ".join(cmd))
@@ -93,9 +101,9 @@ def train_finetune_steps(job: Path, steps: int, args) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--job", type=Path, default=Path("outputs/toyworld"), help="the job's --out")
-    p.add_argument("--w-d", default="0,0.5,0.75,1,1.25,1.5,2", help="ours' w_d values")
-    p.add_argument("--w-c", default="1.5,2.5,3.5", help="w_c values (ours and the baseline)")
-    p.add_argument("--baseline-w-c", default="1,1.5,2.5,3.5,5", help="the baseline's CFG scales")
+    p.add_argument("--w-d", default="0.5,1,1.5,2,2.5,3", help="ours' w_d values")
+    p.add_argument("--w-c", default="2.5,4,6", help="ours' w_c values")
+    p.add_argument("--baseline-w-c", default="1.5,2.5,4,6", help="the baseline's CFG scales")
     p.add_argument("--images-per-prompt", type=int, default=4, help="x 12 captions per point")
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--threads", type=int, default=1)
@@ -116,14 +124,16 @@ def main() -> None:
     ours_dir = sweep(
         job,
         "ours",
-        ["sampler=decoupled", "sampler.weights=fixed", f"domain_model={ours}"],
+        {"sampler": "decoupled", "domain_model": ours},
+        ["sampler.weights=fixed"],
         [f"sample.w_d={args.w_d}", f"sample.w_c={args.w_c}"],
         args,
     )
     finetune_dir = sweep(
         job,
         "finetune",
-        ["sampler=cfg", f"baseline_model={finetuned}"],
+        {"sampler": "cfg", "baseline_model": finetuned},
+        [],
         ["sample.w_d=0", f"sample.w_c={args.baseline_w_c}"],
         args,
     )
@@ -133,7 +143,8 @@ def main() -> None:
         steps_dirs[steps] = sweep(
             job,
             f"finetune_steps_{steps}",
-            ["sampler=cfg", f"baseline_model={model}"],
+            {"sampler": "cfg", "baseline_model": model},
+            [],
             ["sample.w_d=0", f"sample.w_c={args.job_w_c}"],
             args,
         )
