@@ -445,6 +445,21 @@ def validate_eval(cfg: DictConfig) -> None:
     ):
         raise ConfigError("device", device, "is not a device", "Pass device=auto, cpu or cuda:0.")
     if cfg.get("sample") is not None:
+        import importlib.util
+
+        module = get(cfg, "sample.module") or "idgen.sample"
+        try:
+            found = importlib.util.find_spec(str(module)) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ConfigError(
+                "sample.module",
+                module,
+                f"sample-then-evaluate runs `python -m {module}`, which is not installed",
+                "Run idgen-sample yourself and pass samples_dir=<its image folder> (and "
+                "sample=null).",
+            )
         for key in ("w_d", "w_c"):
             check_float(cfg, f"sample.{key}")
         subdir = get(cfg, "sample.images_subdir")
