@@ -20,3 +20,12 @@ def _register_resolvers() -> None:
 
 
 _register_resolvers()
+
+
+def _quiet() -> None:
+    from idgen.utils.quiet import quiet_libraries  # Lightning's tips and repeated banners off
+
+    quiet_libraries()
+
+
+_quiet()

@@ -175,13 +175,21 @@ def extract_features(
     resolution: int | None = None,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
+    desc: str = "features",
 ) -> torch.Tensor:
-    """Features of the images at ``paths`` as a float32 [N, D] CPU tensor, in ``paths`` order."""
+    """Features of the images at ``paths`` as a float32 [N, D] CPU tensor, in ``paths`` order.
+
+    A tqdm bar (the style of Lightning's bars) counts images on a terminal; off in log files.
+    """
+    from tqdm.auto import tqdm
+
     extractor = extractor.to(device).eval()
     chunks = []
-    for start in range(0, len(paths), batch_size):
-        # 1. read a batch as uint8 (resized to `resolution` when given)
-        batch = load_batch(paths[start : start + batch_size], resolution).to(device)
-        # 2. extract; the extractor resizes to its own input size
-        chunks.append(extractor(batch).float().reshape(batch.shape[0], -1).cpu())
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=None, leave=False) as bar:
+        for start in range(0, len(paths), batch_size):
+            # 1. read a batch as uint8 (resized and centre-cropped to `resolution` when given)
+            batch = load_batch(paths[start : start + batch_size], resolution).to(device)
+            # 2. extract; the extractor resizes to its own input size
+            chunks.append(extractor(batch).float().reshape(batch.shape[0], -1).cpu())
+            bar.update(batch.shape[0])
     return torch.cat(chunks) if chunks else torch.empty(0, getattr(extractor, "num_features", 0))

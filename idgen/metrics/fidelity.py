@@ -36,15 +36,16 @@ def reference_features(
     files = scan_reference(reference_dir, scan_cache_dir)
     ident = extractor_id(extractor)
     info: dict = {"reference_dir": str(reference_dir), "num_reference": len(files), "cache": "off"}
+    desc = f"reference features ({len(files)} images)"
     if cache_dir is None:
-        return extract_features(extractor, files, resolution, batch_size, device), info
+        return extract_features(extractor, files, resolution, batch_size, device, desc), info
     key = reference_key(reference_dir, files, resolution, ident)
     info["cache_file"] = str(cache_path(cache_dir, key))
     cached = load_cached(cache_dir, key)
     if cached is not None:
         info["cache"] = "hit"
         return cached, info
-    features = extract_features(extractor, files, resolution, batch_size, device)
+    features = extract_features(extractor, files, resolution, batch_size, device, desc)
     meta = {"extractor": ident, "resolution": resolution, "num_files": len(files)}
     save_cached(cache_dir, key, features, meta)
     info["cache"] = "miss"
@@ -77,7 +78,9 @@ def fid_kid(
     real, info = reference_features(
         reference_dir, extractor, resolution, cache_dir, batch_size, device, scan_cache_dir
     )
-    fake = extract_features(extractor, list(sample_paths), resolution, batch_size, device)
+    fake = extract_features(
+        extractor, list(sample_paths), resolution, batch_size, device, "sample features"
+    )
     result = {
         "fid": fid_from_features(real, fake),
         "num_samples": int(fake.shape[0]),
