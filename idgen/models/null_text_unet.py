@@ -225,6 +225,22 @@ class NullTextUNet(ModelMixin, ConfigMixin):
         return super().extract_init_dict(config_dict, **kwargs)
 
     @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any) -> NullTextUNet:
+        """``ModelMixin.from_pretrained``, with every weight in memory of its own.
+
+        diffusers assigns the tensors of a memory-mapped safetensors file as they are: views at
+        the byte offsets of the file, often not 64-byte aligned. CPU kernels (oneDNN/MKL) take
+        other code paths on unaligned memory and sum in another order, so a reloaded model gave
+        outputs ~1e-6 away from the model that was saved. Fresh (aligned) copies make a
+        save/load round trip bit-exact, and release the file mapping.
+        """
+        model = super().from_pretrained(*args, **kwargs)
+        with torch.no_grad():
+            for tensor in (*model.parameters(), *model.buffers()):
+                tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
+        return model
+
+    @classmethod
     def from_unet(
         cls,
         unet: UNet2DConditionModel,
