@@ -240,7 +240,8 @@ def summarize(
 
         # 4. montage: the first samples of every grid point (same seeds in every cell)
         cells, xs, ys = montage_cells(jobs, xa, ya)
-        if cells:
+        per_cell = min(per_cell, max((len(files) for files in cells.values()), default=0))
+        if cells and per_cell:
             path, _ = draw_montage(
                 cells, xs, ys, xa.split(".")[-1], ya.split(".")[-1], sweep_dir / "montage.png",
                 per_cell=per_cell, title=f"{sweep_dir.name}: first {per_cell} samples per point",
