@@ -292,6 +292,11 @@ def _check_flags(cmd: Command, argv: tuple[str, ...], args: list[str]) -> None:
     # command costs ~20-50 s on a busy 2-core machine.
     text = _source_of(argv)
     missing = [f for f in flags if f'"{f}"' not in text and f"'{f}'" not in text]
+    # flags made from dataclass fields (`--steps` from `steps: int = ...`)
+    field = r"^\s+{}\s*:"
+    missing = [
+        f for f in missing if not re.search(field.format(f[2:].replace("-", "_")), text, re.M)
+    ]
     if missing:  # flags built at run time (e.g. from a dataclass): ask the parser itself
         text = _help_text(argv)
         missing = [f for f in flags if f not in text]
