@@ -418,7 +418,7 @@ def section_cli(rec: Recorder, budget: Budget, device: str, smoke: bool) -> bool
     train_common = [
         "experiment=demo", f"paths.root_dir={work}", "data.num_images=16", "data.batch_size=4",
         "inversion_steps=2", f"trainer.max_steps={s['cli_steps']}", "preview.num_inference_steps=2",
-        "module.val_every_n_steps=1000", "trainer.log_every_n_steps=1",
+        "callbacks.decoupled_sampling.every_n_train_steps=1000", "trainer.log_every_n_steps=1",
     ]  # fmt: skip
     # On the CPU (--smoke) the same runs with the CPU twins of the GPU trainer configs.
     runs = {

@@ -229,20 +229,39 @@ def test_export_loads_alone_and_holds_ema_weights(tmp_path):
     assert not [p for p in again.parent.iterdir() if p.name.startswith(".")]
 
 
+def _validation_callback(tmp_path, every: int, steps: int, images: int = 1):
+    """Fine-tuning's validation grids: the DecoupledGuidanceSampling callback (one path)."""
+    from idgen.sampling import DecoupledGuidanceSampling, SamplerSettings
+
+    return DecoupledGuidanceSampling(
+        sd=functools.partial(build_tiny_sd, seed=0),
+        settings=SamplerSettings(num_inference_steps=steps),
+        out_dir=tmp_path / "out",
+        every_n_train_steps=every,
+        val_prompts=["a photo of a red circle"],
+        val_images_per_prompt=images,
+    )
+
+
 def test_validation_grid_is_fixed_seed_png(tmp_path):
-    sd = build_tiny_sd(seed=0)
-    module = _module(tmp_path, sd, val_every_n_steps=2, val_num_images=4, val_num_inference_steps=3)
-    L.seed_everything(0)
-    _trainer(tmp_path, 2).fit(module, datamodule=_data(tmp_path))
-    path = tmp_path / "out" / "validation" / "step_0000002.png"
-    assert path.is_file()
+    import numpy as np
     from PIL import Image
 
+    sd = build_tiny_sd(seed=0)
+    module = _module(tmp_path, sd)
+    sampling = _validation_callback(tmp_path, every=2, steps=3, images=4)
+    L.seed_everything(0)
+    trainer = _trainer(tmp_path, 2, callbacks=[sampling])
+    trainer.fit(module, datamodule=_data(tmp_path))
+    path = tmp_path / "out" / "validation" / "step_0000002_p0000.png"
+    assert path.is_file()
+
     image = Image.open(path)
-    assert image.size == (128, 128)  # 2x2 grid of 64px images
+    assert image.size == (2 * 64 + 3 * 2,) * 2  # 2x2 grid of 64px images, 2px gaps
     assert image.text["seed"] == "0"
-    g1, g2 = module.sample_grid(), module.sample_grid()
-    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+    g1 = np.asarray(Image.open(sampling.validation_grids(trainer, module, 2)[0]).convert("RGB"))
+    g2 = np.asarray(Image.open(sampling.validation_grids(trainer, module, 2)[0]).convert("RGB"))
+    np.testing.assert_array_equal(g1, g2)
 
 
 def test_bad_options_are_refused(tmp_path):
@@ -285,11 +304,9 @@ def test_validation_grid_is_logged_to_wandb(tmp_path, monkeypatch):
     monkeypatch.setattr(
         logger, "log_image", lambda key, images, step=None, **kw: logged.append((key, step))
     )
-    module = _module(
-        tmp_path, build_tiny_sd(seed=0), val_every_n_steps=1, val_num_inference_steps=2
-    )
+    module = _module(tmp_path, build_tiny_sd(seed=0))
     L.seed_everything(0)
-    trainer = _trainer(tmp_path, 1)
+    trainer = _trainer(tmp_path, 1, callbacks=[_validation_callback(tmp_path, every=1, steps=2)])
     trainer._loggers = [logger]  # _trainer() builds with logger=False
     try:
         trainer.fit(module, datamodule=_data(tmp_path))
@@ -297,7 +314,7 @@ def test_validation_grid_is_logged_to_wandb(tmp_path, monkeypatch):
         import wandb
 
         wandb.finish()  # a later WandbLogger in this process must not reuse this run
-    assert logged == [("validation/grid", 1)]
+    assert logged == [("validation/decoupled_grid", 1)]
 
 
 def test_atomic_checkpoint_io_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatch):

@@ -82,7 +82,6 @@ def test_amp_null_text_finetuning_steps_are_finite(tmp_path, precision):
         model_loader=functools.partial(build_tiny_sd, seed=0),
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
         ema_decay=None,
-        val_every_n_steps=None,
         export_on_fit_end=False,
         output_dir=str(tmp_path / "run"),
     )
@@ -136,7 +135,7 @@ DDP_SCRIPT = textwrap.dedent(
     module = NullTextFinetuneModule(
         model_loader=functools.partial(build_tiny_sd, seed=0),
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
-        ema_decay=None, val_every_n_steps=None, export_on_fit_end=False,
+        ema_decay=None, export_on_fit_end=False,
         output_dir=str(out / "run"),
     )
     backend = "nccl" if accelerator == "gpu" else "gloo"

@@ -68,7 +68,6 @@ def _finetune_module(tmp_path, sd) -> NullTextFinetuneModule:
         output_dir=str(tmp_path / "out"),
         ema_decay=None,
         export_on_fit_end=False,
-        val_every_n_steps=None,
     )
 
 
@@ -100,7 +99,7 @@ def test_validation_grids_use_decoupled_guidance_and_match_predict(tmp_path):
     data = DemoDomainDataModule(root=str(tmp_path / "demo"), num_images=4, batch_size=2)
     trainer.fit(module, datamodule=data)
 
-    (path,) = sorted((tmp_path / "fit" / "validation_decoupled").glob("*.png"))
+    (path,) = sorted((tmp_path / "fit" / "validation").glob("*.png"))
     assert path.name == "step_0000002_p0000.png"
     grid = np.asarray(Image.open(path).convert("RGB"))
 
@@ -137,7 +136,9 @@ def test_validation_grids_use_decoupled_guidance_and_match_predict(tmp_path):
         datamodule=PromptsDataModule([PROMPT], 2, seed=0, batch_size=2),
         return_predictions=False,
     )
-    predicted = np.asarray(Image.open(tmp_path / "pred" / "grids" / "p0000.png").convert("RGB"))
+    predicted = np.asarray(
+        Image.open(tmp_path / "pred" / "grids" / "p0000_a-photo-of-a-red-circle.png").convert("RGB")
+    )
     assert np.array_equal(predicted, grid)
 
 

@@ -25,6 +25,7 @@ SCRIPT = textwrap.dedent(
     from idgen.data import DemoDomainDataModule
     from idgen.models import build_tiny_sd
     from idgen.modules import NullTextFinetuneModule
+    from idgen.sampling import DecoupledGuidanceSampling, SamplerSettings
 
     out = Path(sys.argv[1])
     L.seed_everything(0)
@@ -32,15 +33,21 @@ SCRIPT = textwrap.dedent(
         model_loader=functools.partial(build_tiny_sd, seed=0),
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
         ema_decay=0.9,
-        val_every_n_steps=2,
-        val_num_inference_steps=2,
         output_dir=str(out / "run"),
+    )
+    sampling = DecoupledGuidanceSampling(
+        sd=functools.partial(build_tiny_sd, seed=0),
+        settings=SamplerSettings(num_inference_steps=2),
+        out_dir=out / "run",
+        every_n_train_steps=2,
+        val_prompts=["a photo of a red circle"],
     )
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
         strategy=DDPStrategy(process_group_backend="gloo", find_unused_parameters=False),
         max_steps=3,
+        callbacks=[sampling],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -94,7 +101,7 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
         if "domain_embedding" not in k
     )
     # the validation grid was written once, by rank 0
-    assert (tmp_path / "run" / "validation" / "step_0000002.png").is_file()
+    assert (tmp_path / "run" / "validation" / "step_0000002_p0000.png").is_file()
 
 
 @pytest.mark.slow
@@ -112,8 +119,8 @@ def test_idgen_train_demo_under_ddp_sim(tmp_path):
         "preview.enabled=false",
         "callbacks.progress_bar.refresh_rate=0",
         "callbacks.model_checkpoint.every_n_train_steps=2",
-        "module.val_every_n_steps=2",
-        "module.val_num_inference_steps=2",
+        "callbacks.decoupled_sampling.every_n_train_steps=2",
+        "callbacks.decoupled_sampling.settings.num_inference_steps=2",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
     result = subprocess.run(

@@ -28,8 +28,8 @@ FAST = [
     "trainer.max_steps=2",
     "preview.enabled=false",
     "callbacks.model_checkpoint.every_n_train_steps=2",
-    "module.val_every_n_steps=2",
-    "module.val_num_inference_steps=2",
+    "callbacks.decoupled_sampling.every_n_train_steps=2",
+    "callbacks.decoupled_sampling.settings.num_inference_steps=2",
     "callbacks.progress_bar.refresh_rate=0",
 ]
 
@@ -46,7 +46,7 @@ def test_stage_all_runs_inversion_then_finetune_and_exports(tmp_path):
     # stage 2 started from stage 1's features: they travel with the export
     torch.testing.assert_close(load_text_features(export), load_text_features(features))
     assert (run / "checkpoints" / "last.ckpt").is_file()
-    assert (run / "validation" / "step_0000002.png").is_file()
+    assert (run / "validation" / "step_0000002_p0000.png").is_file()
     assert "train/loss" in metrics and "inversion/train/loss" in metrics
     assert model(torch.randn(1, 4, 8, 8), torch.tensor([5])).sample.shape == (1, 4, 8, 8)
 

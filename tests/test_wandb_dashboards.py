@@ -116,7 +116,6 @@ def test_training_logs_loss_lr_and_grad_norm(tmp_path):
         domain="shapes",
         output_dir=str(tmp_path / "out"),
         export_on_fit_end=False,
-        val_every_n_steps=None,
     )
     expected: list[float] = []
 

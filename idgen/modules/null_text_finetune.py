@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 
@@ -22,8 +21,6 @@ from idgen.modules.sd_parts import (
     load_text_features,
     parse_dtype,
 )
-from idgen.sampling.domain_only import make_grid, sample_domain_model, to_pil
-from idgen.utils.io import save_image_atomic
 
 
 class NullTextFinetuneModule(DiffusionTrainingModule):
@@ -32,7 +29,8 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
     ``text_features``: a stage-1 ``text_features.safetensors`` (or a folder holding one); when
     ``None`` the prompt is encoded afresh. ``init="calibrated"`` computes ``E`` from the first
     ``calibration_batches`` training batches. EMA weights (``ema_decay``) are used for validation
-    grids and export. Only the null-text UNet, EMA, optimizer/scheduler state and RNG states are
+    grids (the ``DecoupledGuidanceSampling`` callback, through :meth:`export_weights_context`)
+    and export. Only the null-text UNet, EMA, optimizer/scheduler state and RNG states are
     checkpointed.
     """
 
@@ -56,10 +54,6 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
         vae_dtype: str = "float32",
         noise_offset: float = 0.0,
         snr_gamma: float | None = None,
-        val_every_n_steps: int | None = None,
-        val_num_images: int = 4,
-        val_num_inference_steps: int = 20,
-        val_seed: int = 0,
         output_dir: str | None = None,
         export_on_fit_end: bool = True,
         export_dir_name: str = "domain_model",
@@ -93,10 +87,6 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
         self.ema_warmup = ema_warmup
         self.use_8bit_adam = use_8bit_adam
         self.gradient_checkpointing = gradient_checkpointing
-        self.val_every_n_steps = val_every_n_steps
-        self.val_num_images = val_num_images
-        self.val_num_inference_steps = val_num_inference_steps
-        self.val_seed = val_seed
         self.output_dir = output_dir
         self.export_on_fit_end = export_on_fit_end
         self.export_dir_name = export_dir_name
@@ -104,7 +94,6 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
         self.text_features: torch.Tensor | None = None
         self.ema: EMA | None = None
         self._pending_ema: dict | None = None
-        self._last_seen_step = -1
         self.export_path: Path | None = None
 
     # --- setup ------------------------------------------------------------------------------
@@ -177,7 +166,6 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
             if self._pending_ema is not None:
                 self.ema.load_state_dict(self._pending_ema)
                 self._pending_ema = None
-        self._last_seen_step = self.global_step
 
     def export_weights_context(self):
         """Context manager with the EMA weights swapped in (or a no-op without EMA)."""
@@ -202,55 +190,14 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
         if self.ema is not None:
             self.ema.update(self.domain_unet)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = self.global_step
-        if step == self._last_seen_step:  # no optimizer step this batch (accumulation)
-            return
-        self._last_seen_step = step
-        if self.val_every_n_steps and step % self.val_every_n_steps == 0:
-            self.validation_grid(step)
-
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
         """Passes prompt-plan items through: ``DecoupledGuidanceSampling`` samples at predict time."""
         return batch
 
-    # --- validation grid --------------------------------------------------------------------
     def resolve_output_dir(self) -> Path:
         if self.output_dir is not None:
             return Path(self.output_dir)
         return Path(self.trainer.default_root_dir)
-
-    def sample_grid(self) -> torch.Tensor:
-        was_training = self.domain_unet.training
-        self.domain_unet.eval()
-        try:
-            with self.export_weights_context():
-                images = sample_domain_model(
-                    self.domain_unet,
-                    self.vae,
-                    self.scheduler_config,
-                    num_images=self.val_num_images,
-                    num_inference_steps=self.val_num_inference_steps,
-                    seed=self.val_seed,
-                )
-        finally:
-            self.domain_unet.train(was_training)
-        return make_grid(images)
-
-    def validation_grid(self, step: int) -> Path | None:
-        """Sample the fixed-seed grid on every rank (no rank waits alone), save it on rank 0."""
-        grid = self.sample_grid()
-        return self._save_grid(grid, step)
-
-    @rank_zero_only
-    def _save_grid(self, grid: torch.Tensor, step: int) -> Path:
-        image = to_pil(grid)
-        path = self.resolve_output_dir() / "validation" / f"step_{step:07d}.png"
-        save_image_atomic(image, path, {"step": str(step), "seed": str(self.val_seed)})
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="validation/grid", images=[image], step=step)
-        return path
 
     # --- export -----------------------------------------------------------------------------
     def metadata(self) -> dict[str, object]:

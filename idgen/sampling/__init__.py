@@ -7,7 +7,6 @@ domain_model.py DomainModel: an exported domain_model/ as a LightningModule
 components.py   what the settings' paths open to (ControlNets, images, extra models)
 writer.py       PNGs with parameters, samples.jsonl, grids; resume
 trace.py        per-step weights and prediction norms (a diffusers PipelineCallback)
-domain_only.py  the domain model's own unconditional samples (quick training grids)
 """
 
 from idgen.sampling.callback import DecoupledGuidanceSampling

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from lightning.pytorch.callbacks import Callback
@@ -39,6 +38,7 @@ from idgen.sampling.trace import GuidanceTrace
 from idgen.sampling.writer import SampleWriter, grid_caption
 from idgen.utils.images import make_grid
 from idgen.utils.io import save_image_atomic
+from idgen.utils.validation import assert_finite_images
 
 log = logging.getLogger(__name__)
 
@@ -198,16 +198,16 @@ class DecoupledGuidanceSampling(Callback):
             **kwargs,
         )
         real = out.images[: len(items)]
-        if not np.isfinite(real).all():
-            bad = [
-                (it["prompt"], it["seed"])
-                for it, im in zip(items, real, strict=True)
-                if not np.isfinite(im).all()
-            ]
-            raise FloatingPointError(
-                f"non-finite pixels for (prompt, seed) {bad}; nothing was written for them. "
-                "Check the guidance weights and the models' dtype (float16 overflows: try bfloat16)."
-            )
+        # The one finiteness check of sampled images: on the float pixels and weights, before
+        # they become PNGs (a PIL image cannot hold NaN; it would be written as black).
+        assert_finite_images(
+            {
+                **it,
+                "pixels": real[row],
+                "guidance_weights": {k: v[row] for k, v in out.guidance_weights.items()},
+            }
+            for row, it in enumerate(items)
+        )
         images = VaeImageProcessor.numpy_to_pil(real)  # what output_type="pil" gives
         if self.trace is not None:
             self.trace.end_call(len(items), out.guidance_weights)
@@ -302,7 +302,7 @@ class DecoupledGuidanceSampling(Callback):
             domain.train(was_training)
         if not trainer.is_global_zero:
             return []
-        out_dir = (self.out_dir or Path(trainer.default_root_dir)) / "validation_decoupled"
+        out_dir = (self.out_dir or Path(trainer.default_root_dir)) / "validation"
         sampler = self.settings.to_dict()
         paths, grids, captions = [], [], []
         for p, prompt in enumerate(plan.prompts):
@@ -311,9 +311,8 @@ class DecoupledGuidanceSampling(Callback):
             caption = grid_caption(prompt, [{**it, "sampler": sampler} for it in mine])
             path = out_dir / f"step_{step:07d}_p{p:04d}.png"
             weights = [it["guidance_weights"] for it in mine]
-            save_image_atomic(
-                grid, path, {"caption": caption, "step": str(step), "weights": json.dumps(weights)}
-            )
+            text = {"caption": caption, "step": str(step), "seed": str(plan.seed)}
+            save_image_atomic(grid, path, text | {"weights": json.dumps(weights)})
             paths.append(path)
             grids.append(grid)
             captions.append(caption)

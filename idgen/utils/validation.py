@@ -52,8 +52,9 @@ class PathError(ConfigError, FileNotFoundError):
     """A configured file or folder is missing, of the wrong kind, or empty."""
 
 
-class NonFiniteError(UserInputError):
-    """A NaN/inf value where a result was about to be written or used."""
+class NonFiniteError(UserInputError, FloatingPointError):
+    """A NaN/inf value where a result was about to be written or used (also a
+    ``FloatingPointError``, what numeric code catches)."""
 
 
 class NonFiniteLossError(NonFiniteError):
@@ -403,8 +404,8 @@ def validate_train(cfg: DictConfig) -> None:
             why=" (the number of optimizer steps of stage 2)",
         )
         check_float(cfg, "module.optimizer.lr", optional=False, positive=True)
-        if "val_every_n_steps" in cfg.module:
-            check_int(cfg, "module.val_every_n_steps", optional=True)
+        if "decoupled_sampling" in (cfg.get("callbacks") or {}):
+            check_int(cfg, "callbacks.decoupled_sampling.every_n_train_steps", optional=True)
         if "ema_decay" in cfg.module:
             check_float(cfg, "module.ema_decay", minimum=0.0, maximum=1.0, open_max=True)
         text_features = get(cfg, "text_features")
@@ -718,7 +719,8 @@ def assert_finite_images(items: Iterable[dict[str, Any]], keys: Sequence[str] = 
     """Check a batch of sample records (``{"index", "image", "guidance_weights", ...}``).
 
     Float tensors/arrays under any key and every guidance weight must be finite; ``keys`` limits
-    the check to those keys. Called by the sample writer before a PNG is written or marked done.
+    the check to those keys. ``DecoupledGuidanceSampling`` calls it on the float pixels
+    (``pixels``) and weights of every sampled batch, before any PNG is written or marked done.
     """
     for item in items:
         values = {k: item.get(k) for k in keys} if keys else item
