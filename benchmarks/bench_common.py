@@ -18,35 +18,27 @@ from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from idgen.models import build_tiny_sd
-from idgen.models.tiny import SD15_SCHEDULER_CONFIG
+from idgen.models.tiny import SD15_SCHEDULER_CONFIG, SD15_UNET_LAYOUT, SD15_VAE_LAYOUT
 from idgen.models.tokenizer import build_tiny_clip_tokenizer
 
 Geometry = Literal["tiny", "sd15"]
 
 # stable-diffusion-v1-5/unet/config.json (diffusers layout), the fields that set its shapes.
+# (the block layout every SD1.5-family UNet/VAE shares lives in idgen.models.tiny)
 SD15_UNET = dict(
+    SD15_UNET_LAYOUT,
     sample_size=64,
-    in_channels=4,
-    out_channels=4,
     block_out_channels=(320, 640, 1280, 1280),
     layers_per_block=2,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     cross_attention_dim=768,
-    attention_head_dim=8,
 )
 # stable-diffusion-v1-5/vae/config.json
 SD15_VAE = dict(
-    in_channels=3,
-    out_channels=3,
+    SD15_VAE_LAYOUT,
     block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    latent_channels=4,
     layers_per_block=2,
     norm_num_groups=32,
     sample_size=512,
-    scaling_factor=0.18215,
 )
 # CLIP ViT-L/14's text tower (SD1.5's text encoder); the vocabulary is the tiny offline one,
 # which changes only the embedding table's row count, not the cost of a forward pass.

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
+from idgen.utils.dtypes import parse_optional_dtype
+
 # What a diffusers folder in SD1.5 layout must hold for idgen to use it.
 REQUIRED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -64,6 +66,21 @@ def missing_parts(folder: str | Path) -> list[str]:
     return missing
 
 
+def own_weights(*modules: torch.nn.Module) -> None:
+    """Give every parameter and buffer of ``modules`` memory of its own (a fresh, aligned copy).
+
+    diffusers' ``from_pretrained`` assigns the tensors of a memory-mapped safetensors file as
+    they are: views at the file's byte offsets, often not 64-byte aligned. CPU kernels
+    (oneDNN/MKL) take other code paths on unaligned memory and sum in another order, so a
+    reloaded model's outputs were ~1e-6 away from the saved model's. With copies a save/load
+    round trip is bit-exact, and the file mapping is released.
+    """
+    with torch.no_grad():
+        for module in modules:
+            for tensor in (*module.parameters(), *module.buffers()):
+                tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
+
+
 def load_sd(
     pretrained: str | os.PathLike,
     torch_dtype: torch.dtype | str | None = None,
@@ -76,8 +93,7 @@ def load_sd(
     The safety checker is not loaded. Offline (``HF_HUB_OFFLINE=1``) a missing or incomplete
     folder raises ``SDLoadError`` naming the path, what is missing and how to get the weights.
     """
-    if isinstance(torch_dtype, str):
-        torch_dtype = getattr(torch, torch_dtype)
+    torch_dtype = parse_optional_dtype(torch_dtype, "model.torch_dtype")
     source = os.path.expanduser(str(pretrained))
     is_local = Path(source).exists() or _looks_like_path(source)
     if is_local:
@@ -105,6 +121,7 @@ def load_sd(
         raise SDLoadError(
             f"Could not load Stable Diffusion '{source}' from {where}: {err}. " + _HOW_TO_GET
         ) from err
+    own_weights(*(m for m in pipe.components.values() if isinstance(m, torch.nn.Module)))
     pipe.set_progress_bar_config(disable=True)
     if device is not None:
         pipe.to(device)

@@ -19,6 +19,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
+from idgen.models.loading import own_weights
+
 EMBEDDING_NAME = "domain_embedding"
 InitMode = Literal["value", "calibrated"]
 
@@ -226,18 +228,10 @@ class NullTextUNet(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> NullTextUNet:
-        """``ModelMixin.from_pretrained``, with every weight in memory of its own.
-
-        diffusers assigns the tensors of a memory-mapped safetensors file as they are: views at
-        the byte offsets of the file, often not 64-byte aligned. CPU kernels (oneDNN/MKL) take
-        other code paths on unaligned memory and sum in another order, so a reloaded model gave
-        outputs ~1e-6 away from the model that was saved. Fresh (aligned) copies make a
-        save/load round trip bit-exact, and release the file mapping.
-        """
+        """``ModelMixin.from_pretrained``, with every weight in memory of its own (see
+        :func:`~idgen.models.loading.own_weights`: a save/load round trip is bit-exact)."""
         model = super().from_pretrained(*args, **kwargs)
-        with torch.no_grad():
-            for tensor in (*model.parameters(), *model.buffers()):
-                tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
+        own_weights(model)
         return model
 
     @classmethod

@@ -7,6 +7,7 @@ from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from idgen.models.tokenizer import build_tiny_clip_tokenizer
+from idgen.utils.dtypes import parse_optional_dtype
 
 # SD1.5's scheduler_config.json, verbatim in the fields that matter for training and sampling.
 SD15_SCHEDULER_CONFIG = dict(
@@ -26,10 +27,39 @@ SD15_SCHEDULER_CONFIG = dict(
 SD15_SCHEDULER_JSON = {**SD15_SCHEDULER_CONFIG, "clip_sample": False}
 
 
+#: What every SD1.5-family UNet shares (stable-diffusion-v1-5/unet/config.json): four levels,
+#: cross-attention in the first three down and last three up blocks, 4 latent channels.
+SD15_UNET_LAYOUT = dict(
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    attention_head_dim=8,
+)
+#: The tiny UNet: SD1.5's layout at 32/64 channels, one layer per block, 8 latent pixels.
+TINY_UNET = dict(
+    SD15_UNET_LAYOUT,
+    sample_size=8,
+    block_out_channels=(32, 32, 64, 64),
+    layers_per_block=1,
+    norm_num_groups=8,
+)
+#: What every SD1.5-family VAE shares (stable-diffusion-v1-5/vae/config.json): four levels, a
+#: factor-8 latent with 4 channels, SD's latent scaling.
+SD15_VAE_LAYOUT = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=4,
+    scaling_factor=0.18215,
+)
+
+
 def build_tiny_sd(
     seed: int = 0,
     cross_attention_dim: int = 32,
-    torch_dtype: torch.dtype | None = None,
+    torch_dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
 ) -> StableDiffusionPipeline:
     """Build a ``StableDiffusionPipeline`` with tiny random weights in SD1.5 geometry.
@@ -41,29 +71,13 @@ def build_tiny_sd(
     tokenizer = build_tiny_clip_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 32, 64, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=cross_attention_dim,
-            attention_head_dim=8,
-            norm_num_groups=8,
-        )
+        unet = UNet2DConditionModel(**TINY_UNET, cross_attention_dim=cross_attention_dim)
         vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
+            **SD15_VAE_LAYOUT,
             block_out_channels=(16, 16, 32, 32),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
             layers_per_block=1,
             norm_num_groups=8,
             sample_size=64,
-            scaling_factor=0.18215,
         )
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
@@ -90,6 +104,7 @@ def build_tiny_sd(
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
+    torch_dtype = parse_optional_dtype(torch_dtype, "model.torch_dtype")
     if torch_dtype is not None or device is not None:
         pipe.to(device=device, dtype=torch_dtype)
     return pipe

@@ -28,7 +28,8 @@ from idgen.baselines.tokens import (
     write_vectors,
 )
 from idgen.modules.base import DiffusionTrainingModule, OptimizerFactory, SchedulerFactory
-from idgen.modules.sd_parts import freeze, parse_dtype
+from idgen.modules.sd_parts import freeze
+from idgen.utils.dtypes import parse_dtype
 
 
 def template_prompt(template: str, domain: str, token: str | None) -> str:

@@ -19,8 +19,8 @@ from idgen.modules.sd_parts import (
     encode_prompt,
     freeze,
     load_text_features,
-    parse_dtype,
 )
+from idgen.utils.dtypes import parse_dtype
 
 
 class NullTextFinetuneModule(DiffusionTrainingModule):

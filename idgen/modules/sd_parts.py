@@ -15,17 +15,6 @@ from idgen.utils.io import atomic_write_bytes
 TEXT_FEATURES_KEY = "text_features"
 TEXT_FEATURES_FILE = "text_features.safetensors"
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_dtype(name: str | torch.dtype, field: str) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    key = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(name, name)
-    if key not in _DTYPES:
-        raise ValueError(f"{field}={name!r} is not a dtype; use one of {sorted(_DTYPES)}.")
-    return _DTYPES[key]
-
 
 def freeze(module: nn.Module) -> nn.Module:
     module.requires_grad_(False)

@@ -19,9 +19,9 @@ from idgen.modules.sd_parts import (
     TEXT_FEATURES_FILE,
     encode_prompt,
     freeze,
-    parse_dtype,
     save_text_features,
 )
+from idgen.utils.dtypes import parse_dtype
 
 
 class TextFeatureInversionModule(DiffusionTrainingModule):

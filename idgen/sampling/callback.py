@@ -29,13 +29,13 @@ from torch import nn
 
 from idgen.callbacks.log_media import log_images, log_series, log_table
 from idgen.guidance import GuidanceTerm
-from idgen.modules.sd_parts import parse_dtype
 from idgen.pipelines import InDomainPipeline
 from idgen.sampling.components import SamplingComponents, load_components
 from idgen.sampling.plan import SamplingPlan, params_hash
 from idgen.sampling.settings import BASELINE_MODES, SamplerSettings
 from idgen.sampling.trace import GuidanceTrace
 from idgen.sampling.writer import SampleWriter, grid_caption
+from idgen.utils.dtypes import parse_dtype
 from idgen.utils.images import make_grid
 from idgen.utils.io import save_image_atomic
 from idgen.utils.validation import assert_finite_images
