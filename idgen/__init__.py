@@ -11,11 +11,16 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 def _register_resolvers() -> None:
     # `${idgen.package_dir:}` in configs: files shipped inside the package (the toy base)
     # without writing any machine's absolute path into conf/.
-    from omegaconf import OmegaConf
+    from omegaconf import ListConfig, OmegaConf
 
     if not OmegaConf.has_resolver("idgen.package_dir"):
         OmegaConf.register_new_resolver(
             "idgen.package_dir", lambda: str(Path(__file__).resolve().parent)
+        )
+    # `${idgen.concat:[a],${b}}`: one list from several (preview = domain prompt + control prompts)
+    if not OmegaConf.has_resolver("idgen.concat"):
+        OmegaConf.register_new_resolver(
+            "idgen.concat", lambda *lists: ListConfig([item for items in lists for item in items])
         )
 
 

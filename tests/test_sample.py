@@ -63,7 +63,8 @@ def test_prompt_grid_and_prompt_file(tmp_path):
     assert item["seed"] == image_seed(10, 4) == 14 and item["done"]
     f = tmp_path / "p.txt"
     f.write_text("# header\nfirst prompt\n\n  second prompt  \n")
-    assert read_prompts(["zero"], str(f)) == ["zero", "first prompt", "second prompt"]
+    # the file replaces the list (the config's demo prompts must not leak in)
+    assert read_prompts(["zero"], str(f)) == ["first prompt", "second prompt"]
     with pytest.raises(FileNotFoundError, match="missing.txt"):
         read_prompts([], str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="no prompts"):
@@ -99,7 +100,10 @@ def test_sample_writes_pngs_index_grids_and_resumes(tmp_path, domain_dir):
     assert meta["model_ids"]["domain"] == str(domain_dir)
     assert meta["sampler"]["num_inference_steps"] == 2 and meta["sampler"]["scheduler"] == "dpm++"
     assert set(meta["guidance_weights"]) == {"domain", "control"}  # auto weights, recorded
-    assert sorted(p.name for p in (run / "grids").glob("*.png")) == ["p0000.png", "p0001.png"]
+    assert sorted(p.name for p in (run / "grids").glob("*.png")) == [
+        "p0000_a-photo-of-a-red-circle.png",
+        "p0001_a-photo-of-a-blue-square.png",
+    ]
 
     # 2. simulate a killed run: two images gone, a stray temp file left behind
     finished = sorted(images.glob("*.png"))

@@ -121,7 +121,11 @@ class SamplerSettings:
 
 
 def read_prompts(prompts: Sequence[str] | None, prompt_file: str | None) -> list[str]:
-    """Prompts from a list and/or a text file (one per line; blank lines and ``#`` lines skipped)."""
+    """The prompts: a text file (one per line; blank and ``#`` lines skipped) *replaces* the list.
+
+    ``prompt_file`` wins over ``prompts`` (the config's demo prompts must not leak into a run
+    that names its own file).
+    """
     out = [str(p) for p in (prompts or [])]
     if prompt_file:
         path = Path(os.path.expanduser(prompt_file))
@@ -131,7 +135,7 @@ def read_prompts(prompts: Sequence[str] | None, prompt_file: str | None) -> list
                 "or set prompt_file=null and pass prompts=[...]."
             )
         lines = path.read_text(encoding="utf-8").splitlines()
-        out += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        out = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not out:
         raise ValueError("no prompts: set prompts=[...] or prompt_file=<file>")
     return out
