@@ -10,20 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-try:  # the project's robust loader (alpha, 16-bit, CMYK, EXIF rotation, clear errors)
-    from idgen.data.images import DEFAULT_EXTENSIONS, list_image_files, load_rgb
-except ImportError:  # pragma: no cover - only while idgen.data is not installed
-    DEFAULT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
-    def load_rgb(path: str | os.PathLike) -> Image.Image:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-
-    def list_image_files(root: str | os.PathLike, extensions: Sequence[str]) -> list[Path]:
-        exts = {e.lower() for e in extensions}
-        files = [p for p in Path(root).rglob("*") if p.suffix.lower() in exts]
-        return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+# training's loader: alpha, 16-bit, CMYK, EXIF rotation, clear errors
+from idgen.data.images import DEFAULT_EXTENSIONS, list_image_files, load_rgb
 
 
 class ImageFolderError(FileNotFoundError):

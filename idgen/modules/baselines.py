@@ -27,6 +27,7 @@ from idgen.baselines.tokens import (
     splice_tokens,
     write_vectors,
 )
+from idgen.models.text import encode_text
 from idgen.modules.base import DiffusionTrainingModule, OptimizerFactory, SchedulerFactory
 from idgen.modules.sd_parts import freeze
 from idgen.utils.dtypes import parse_dtype
@@ -179,14 +180,7 @@ class BaselineModule(DiffusionTrainingModule):
         """Text features [1, T, D] (gradients reach the learned token vectors only)."""
         if self.method.token is not None:
             prompt = expand_placeholder(prompt, self.method.token, self.method.num_vectors)
-        ids = self.tokenizer(
-            [prompt],
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.text_encoder.device)
-        return self.text_encoder(ids)[0].float()
+        return encode_text(self.tokenizer, self.text_encoder, [prompt]).float()
 
     def context(self) -> torch.Tensor:
         if self.cached_context is not None:

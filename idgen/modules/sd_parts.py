@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
+from idgen.models.text import encode_text
 from idgen.utils.io import atomic_write_bytes
 
 TEXT_FEATURES_KEY = "text_features"
@@ -25,14 +26,7 @@ def freeze(module: nn.Module) -> nn.Module:
 @torch.no_grad()
 def encode_prompt(tokenizer, text_encoder: nn.Module, prompt: str) -> torch.Tensor:
     """The text encoder's output features for ``prompt``: [1, max_length, D] in fp32."""
-    ids = tokenizer(
-        [prompt],
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(text_encoder.device)
-    return text_encoder(ids)[0].float()
+    return encode_text(tokenizer, text_encoder, [prompt]).float()
 
 
 @torch.no_grad()

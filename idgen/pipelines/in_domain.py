@@ -35,6 +35,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from idgen.guidance import CONTROL, DOMAIN, GuidanceTerm, Guider, decoupled_terms, is_active
+from idgen.models.text import encode_text
 from idgen.pipelines.controlnet_residuals import Chunk, Control, chunk_residuals, split_multi
 
 WeightMode = Literal["auto", "fixed"]
@@ -211,17 +212,7 @@ class InDomainPipeline(DiffusionPipeline):
     ) -> torch.Tensor:
         """CLIP features ``[len(texts), 77, D]`` exactly as diffusers' ``encode_prompt`` makes them."""
         text_encoder = text_encoder or self.text_encoder
-        inputs = self.tokenizer(
-            texts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        mask = None
-        if getattr(text_encoder.config, "use_attention_mask", False):
-            mask = inputs.attention_mask.to(device)
-        embeds = text_encoder(inputs.input_ids.to(device), attention_mask=mask)[0]
+        embeds = encode_text(self.tokenizer, text_encoder, texts, device)
         return embeds.to(dtype=text_encoder.dtype, device=device)
 
     def _per_image(self, embeds: torch.Tensor, batch: int, n: int) -> torch.Tensor:

@@ -139,13 +139,12 @@ def existing(path: str | os.PathLike, field_name: str) -> Path:
 
 
 def load_images(paths: str | list[str] | None, field_name: str):
-    """One RGB image, a list of them, or None."""
+    """One RGB image, a list of them, or None; read as training reads its images (EXIF
+    orientation, alpha on white, 16-bit scaled; an unreadable file is an error naming it)."""
     if paths is None:
         return None
-    from PIL import Image
+    from idgen.data.images import load_rgb
 
     many = isinstance(paths, list | tuple)
-    images = [
-        Image.open(existing(p, field_name)).convert("RGB") for p in (paths if many else [paths])
-    ]
+    images = [load_rgb(existing(p, field_name)) for p in (paths if many else [paths])]
     return images if many else images[0]
