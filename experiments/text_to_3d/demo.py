@@ -76,8 +76,12 @@ def overrides(args: argparse.Namespace, arm: str, prompt: str, domain: Path) -> 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("outputs/text_to_3d"), help="output folder")
-    p.add_argument("--prompts", nargs="+", default=["a red circle", "a blue circle"])
-    p.add_argument("--steps", type=int, default=200, help="SDS steps per run")
+    p.add_argument(
+        "--prompts",
+        nargs="+",
+        default=[f"a {c} circle" for c in ("red", "green", "blue", "yellow")],
+    )
+    p.add_argument("--steps", type=int, default=150, help="SDS steps per run")
     p.add_argument("--w-d", type=float, default=1.5, help="domain weight of ours")
     p.add_argument("--w-c", type=float, default=5.0, help="text weight (both arms)")
     p.add_argument("--num-views", type=int, default=8, help="evaluation views per run")
