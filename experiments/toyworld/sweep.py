@@ -101,7 +101,7 @@ def train_finetune_steps(job: Path, steps: int, args) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--job", type=Path, default=Path("outputs/toyworld"), help="the job's --out")
-    p.add_argument("--w-d", default="0.5,1,1.5,2,2.5,3", help="ours' w_d values")
+    p.add_argument("--w-d", default="0.5,1,1.5,2,3", help="ours' w_d values")
     p.add_argument("--w-c", default="2.5,4,6", help="ours' w_c values")
     p.add_argument("--baseline-w-c", default="1.5,2.5,4,6", help="the baseline's CFG scales")
     p.add_argument("--images-per-prompt", type=int, default=4, help="x 12 captions per point")
@@ -110,7 +110,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1000, help="validation seeds (job: 0)")
     p.add_argument(
         "--finetune-steps",
-        default="50,100,400",
+        default="100,200,400",
         help="extra training budgets of the baseline for the trade-off (the job's is added)",
     )
     p.add_argument("--job-w-c", type=float, default=2.5, help="the baseline's CFG scale there")
