@@ -81,6 +81,11 @@ def train(args: argparse.Namespace, name: str) -> Trained:
         log.info("%s: %s exists, training skipped", name, export)
     else:
         train_cli(cfg)
+    if (run_dir / "config.yaml").is_file():
+        # The budget it was trained with (a resumed table may run on edited configs).
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.load(run_dir / "config.yaml")
     if name == "ours":
         from idgen.models import NullTextUNet
 
