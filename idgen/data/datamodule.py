@@ -312,7 +312,9 @@ class DomainImageDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers,
         )
         if not shuffle:
-            return DataLoader(dataset, **kwargs)
+            # Its own generator too: the validation loop's iterator must not draw from the
+            # global RNG that training's random flips use (see below).
+            return DataLoader(dataset, generator=torch.Generator().manual_seed(self.seed), **kwargs)
         sampler = EpochSeededSampler(dataset, self.seed)
         # Its own generator: creating an iterator draws a base seed, which from the global RNG
         # would shift the random flips of a resumed run (its iterator is made after the restore).

@@ -113,16 +113,44 @@ class DiffusionTrainingModule(L.LightningModule):
         with torch.no_grad():
             return data_latents(batch, self.vae).float()
 
-    def loss_for(self, predict, latents: torch.Tensor) -> torch.Tensor:
+    def loss_for(
+        self, predict, latents: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """The denoising loss of ``predict`` on ``latents`` (noise from ``noise_generator``)."""
         return denoising_loss(
             predict,
             latents,
             self.alphas_cumprod,
             self.prediction_type,
-            generator=self.noise_generator,
+            generator=generator or self.noise_generator,
             noise_offset=self.noise_offset,
             snr_gamma=self.snr_gamma,
         )
+
+    def denoiser(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``predict(noisy_latents, timesteps) -> model output`` of the model being trained."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        latents = self.latents_from_batch(batch)
+        loss = self.loss_for(self.denoiser(), latents)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=latents.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """``val/loss``: the denoising loss on the held-out images (``data.val_fraction``).
+
+        VAE sample, noise and timesteps come from a generator seeded by the batch index, so
+        every validation sees the same noisy latents and ``val/loss`` moves only with the
+        weights. The training streams are not touched (``noise_generator``, the global RNG; the
+        validation loader has its own generator): holding images out changes no training step.
+        Runs every ``trainer.val_check_interval`` steps (default: at the end of each epoch).
+        """
+        generator = torch.Generator().manual_seed(self.seed + batch_idx)
+        latents = data_latents(batch, self.vae, generator).float()
+        loss = self.loss_for(self.denoiser(), latents, generator)
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=latents.shape[0])
+        return loss
 
     # --- optimisation -----------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:

@@ -187,17 +187,15 @@ class BaselineModule(DiffusionTrainingModule):
             return self.cached_context.to(self.device)
         return self.encode_prompt(self.prompt)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        latents = self.latents_from_batch(batch)
+    def denoiser(self):
+        """The adapted UNet conditioned on the method's training prompt."""
         context = self.context()
 
         def predict(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             cond = context.expand(noisy.shape[0], -1, -1)
             return self.unet(noisy, t, encoder_hidden_states=cond).sample
 
-        loss = self.loss_for(predict, latents)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=latents.shape[0])
-        return loss
+        return predict
 
     # --- sampling and export ----------------------------------------------------------------
     def pipeline(self) -> StableDiffusionPipeline:

@@ -177,11 +177,8 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         return self.domain_unet(sample, timestep).sample
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        latents = self.latents_from_batch(batch)
-        loss = self.loss_for(self.forward, latents)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=latents.shape[0])
-        return loss
+    def denoiser(self):
+        return self.forward
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

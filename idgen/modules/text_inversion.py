@@ -84,17 +84,15 @@ class TextFeatureInversionModule(DiffusionTrainingModule):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [self.text_features]
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        latents = self.latents_from_batch(batch)
+    def denoiser(self):
+        """The frozen UNet conditioned on the learned features ``F^T``."""
         context = self.text_features.to(self.unet.dtype)
 
         def predict(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             cond = context.expand(noisy.shape[0], -1, -1)
             return self.unet(noisy.to(self.unet.dtype), t, encoder_hidden_states=cond).sample
 
-        loss = self.loss_for(predict, latents)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=latents.shape[0])
-        return loss
+        return predict
 
     def metadata(self) -> dict[str, object]:
         return {
