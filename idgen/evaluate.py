@@ -9,7 +9,6 @@ Examples:
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -24,7 +23,8 @@ from idgen.metrics.evaluation import evaluate_folder
 from idgen.metrics.results import write_metrics
 from idgen.metrics.sample_hook import sample_first, sample_overrides  # noqa: F401 (re-export)
 from idgen.utils.io import atomic_write_text
-from idgen.utils.validation import accept_null_groups, cli_errors, validate_eval
+from idgen.utils.task import console_main, task_wrapper
+from idgen.utils.validation import validate_eval
 
 log = logging.getLogger(__name__)
 
@@ -110,20 +110,13 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval.yaml")
-@cli_errors
-def hydra_main(cfg: DictConfig) -> float | None:
-    results = evaluate(cfg)
-    metric = cfg.get("optimized_metric")
-    return float(results[metric]) if metric and metric in results else None
-
-
-def main() -> None:
+@task_wrapper
+def hydra_main(cfg: DictConfig) -> dict:
     """``idgen-eval``: ``logger=null`` (any ``group=null``) is accepted as "no group"."""
-    sys.argv = accept_null_groups(sys.argv, CONFIG_DIR)
-    hydra_main()
+    return evaluate(cfg)
 
 
-main.__wrapped__ = hydra_main.__wrapped__  # the task itself (sweepers and tests call it with a cfg)
+main = console_main(hydra_main, CONFIG_DIR)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ from idgen.sampling import (
     read_prompts,
 )
 from idgen.utils.io import atomic_write_text
-from idgen.utils.validation import cli_errors, validate_sample
+from idgen.utils.task import console_main, task_wrapper
+from idgen.utils.validation import validate_sample
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,13 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample.yaml")
-@cli_errors
-def main(cfg: DictConfig) -> None:
-    sample(cfg)
+@task_wrapper
+def hydra_main(cfg: DictConfig) -> dict[str, Any]:
+    """``idgen-sample``: ``logger=null`` (any ``group=null``) is accepted as "no group"."""
+    return sample(cfg)
+
+
+main = console_main(hydra_main, CONFIG_DIR)
 
 
 if __name__ == "__main__":

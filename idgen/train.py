@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from idgen import CONFIG_DIR
+from idgen.callbacks.log_media import finish_loggers, instantiate_loggers
 from idgen.data.transforms import to_pil
 from idgen.modules.checkpoint_io import (
     AtomicCheckpointIO,
@@ -24,11 +24,10 @@ from idgen.modules.checkpoint_io import (
 from idgen.preview import write_base_grid
 from idgen.utils.images import make_grid
 from idgen.utils.io import atomic_write_text, save_image_atomic
+from idgen.utils.task import console_main, task_wrapper
 from idgen.utils.validation import (
     STAGES,
     ConfigError,
-    accept_null_groups,
-    cli_errors,
     remove_stale_temp_files,
     validate_train,
 )
@@ -219,11 +218,10 @@ def _loggers(
     killed run wrote after its checkpoint are dropped, the resumed run writes them again),
     TensorBoard purges events from that step on, and wandb resumes the same run id.
     """
-    loggers = []
     output_dir = Path(cfg.paths.output_dir)
-    for node in (cfg.get("logger") or {}).values():
-        if not isinstance(node, DictConfig) or "_target_" not in node:
-            continue
+    pending = pending_log(resume_ckpt) if resume_ckpt else None
+
+    def stage_kwargs(node: DictConfig) -> dict:
         kwargs: dict = {}
         if suffix is not None and "name" in node:
             kwargs["name"] = f"{node.name}_{suffix}" if node.name else suffix
@@ -231,17 +229,18 @@ def _loggers(
         if "wandb" in target.lower() and "id" not in node:
             kwargs["id"] = _wandb_id(output_dir, suffix or "finetune", resume_step is not None)
             kwargs["resume"] = "allow"
-        pending = pending_log(resume_ckpt) if resume_ckpt else None
         if resume_step is not None and target.endswith("TensorBoardLogger"):
             kwargs["purge_step"] = pending["step"] if pending else resume_step
-        logger = instantiate(node, **kwargs)
+        return kwargs
+
+    loggers = instantiate_loggers(cfg.get("logger"), stage_kwargs)
+    for logger in loggers:
         if resume_step is not None and hasattr(logger, "drop_rows_from"):
             logger.drop_rows_from(resume_step)
             if pending:  # the checkpoint step's own row, if the kill came before it was logged
                 logger.restore_row(pending["step"], pending["metrics"])
-        elif pending and target.endswith("TensorBoardLogger"):
+        elif pending and isinstance(logger, TensorBoardLogger):
             logger.log_metrics(pending["metrics"], step=pending["step"])
-        loggers.append(logger)
     return loggers
 
 
@@ -261,12 +260,6 @@ def _plugins(cfg: DictConfig) -> dict:
     if cfg.trainer.get("plugins"):
         return {}
     return {"plugins": [AtomicCheckpointIO()]}
-
-
-def _finish_wandb(loggers: list[Logger]) -> None:
-    for logger in loggers:
-        if isinstance(logger, WandbLogger) and rank_zero_only.rank == 0:
-            logger.experiment.finish()
 
 
 def _metrics(trainer: L.Trainer) -> dict[str, float]:
@@ -300,7 +293,7 @@ def run_inversion(cfg: DictConfig, sd_loader, output_dir: Path) -> tuple[Path, d
         module.prompt,
     )
     trainer.fit(module, datamodule=datamodule)
-    _finish_wandb(loggers)
+    finish_loggers(loggers)
     return stage_dir / "text_features.safetensors", _metrics(trainer)
 
 
@@ -331,24 +324,18 @@ def run_finetune(
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if getattr(module, "export_path", None) is not None:
         log.info("domain model: %s", module.export_path)
-    _finish_wandb(loggers)
+    finish_loggers(loggers)
     return _metrics(trainer)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train.yaml")
-@cli_errors
-def hydra_main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
-    return metrics.get(cfg.get("optimized_metric")) if cfg.get("optimized_metric") else None
-
-
-def main() -> None:
+@task_wrapper
+def hydra_main(cfg: DictConfig) -> dict[str, float]:
     """``idgen-train``: ``logger=null`` (any ``group=null``) is accepted as "no group"."""
-    sys.argv = accept_null_groups(sys.argv, CONFIG_DIR)
-    hydra_main()
+    return train(cfg)
 
 
-main.__wrapped__ = hydra_main.__wrapped__  # the task itself (sweepers and tests call it with a cfg)
+main = console_main(hydra_main, CONFIG_DIR)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,9 @@ def folders(tmp_path):
 def test_eval_tiny_fid_matches_library_and_main_returns_it(tmp_path, folders):
     ref, samples = folders
     cfg = compose_config(
-        "eval", tmp_path, [f"samples_dir={samples}", f"reference_dir={ref}", "device=cpu"]
+        "eval",
+        tmp_path,
+        [f"samples_dir={samples}", f"reference_dir={ref}", "device=cpu", "optimized_metric=fid"],
     )
     results = evaluate(cfg)
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())

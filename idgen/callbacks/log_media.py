@@ -8,7 +8,7 @@ numbers only (the images are on disk). Tables: a wandb Table; elsewhere one metr
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,14 @@ def sweep_group() -> str | None:
     return Path(str(hydra.sweep.dir)).name
 
 
-def instantiate_loggers(logger_cfg: DictConfig | None, **wandb_kwargs: Any) -> list[Logger]:
-    """The configured loggers; a wandb logger without a group joins the sweep's group."""
+def instantiate_loggers(
+    logger_cfg: DictConfig | None,
+    node_kwargs: Callable[[DictConfig], dict[str, Any]] | None = None,
+    **wandb_kwargs: Any,
+) -> list[Logger]:
+    """The configured loggers (every CLI's one helper); a wandb logger without a group joins
+    the sweep's group. ``node_kwargs(node)`` adds arguments per logger (idgen-train: the stage
+    name, the resumed wandb id, TensorBoard's purge step)."""
     if not logger_cfg:
         return []
     group = sweep_group()
@@ -50,6 +56,8 @@ def instantiate_loggers(logger_cfg: DictConfig | None, **wandb_kwargs: Any) -> l
             kwargs = dict(wandb_kwargs)
             if node.group is None and group and "group" not in kwargs:
                 kwargs["group"] = group
+        if node_kwargs is not None:
+            kwargs.update(node_kwargs(node))
         loggers.append(instantiate(node, **kwargs))
     return loggers
 

@@ -1,0 +1,89 @@
+"""The one shape of idgen's entry points (lightning-hydra-template's ``task_wrapper``).
+
+Each CLI is ``task(cfg) -> dict of metrics`` under ``@hydra.main`` and :func:`task_wrapper`::
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train.yaml")
+    @task_wrapper
+    def hydra_main(cfg): return train(cfg)
+
+and ``main()`` (the console script) accepts ``group=null`` before Hydra parses the command line.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from omegaconf import DictConfig
+
+from idgen.utils.validation import ConfigError, accept_null_groups, cli_errors
+
+log = logging.getLogger(__name__)
+
+
+def close_loggers() -> None:
+    """Finish a wandb run left open (a failed task's), so the next job of a sweep gets its own."""
+    if "wandb" not in sys.modules:  # never imported: nothing to close (and no import cost)
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+
+
+def optimized_metric(cfg: DictConfig, metrics: Mapping[str, Any]) -> float | None:
+    """``metrics[cfg.optimized_metric]`` for sweepers; None when ``optimized_metric`` is unset.
+
+    A name the run did not compute is an error (a sweeper would otherwise optimise ``None``).
+    """
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        raise ConfigError(
+            "optimized_metric",
+            name,
+            f"is not among the metrics this run computed ({', '.join(sorted(metrics))})",
+            "Pick one of them, or set optimized_metric=null.",
+        )
+    return float(metrics[name])
+
+
+def task_wrapper(task: Callable[[DictConfig], Mapping[str, Any]]) -> Callable[..., float | None]:
+    """Run ``task(cfg)``; whatever happens, close the loggers and log the run dir.
+
+    User mistakes become one ``error: ...`` line and exit code 2 (:func:`cli_errors`); the
+    return value is :func:`optimized_metric` of the task's metrics.
+    """
+
+    @functools.wraps(task)
+    @cli_errors
+    def run(cfg: DictConfig) -> float | None:
+        try:
+            metrics = task(cfg)
+        finally:
+            close_loggers()
+            output_dir = cfg.get("paths", {}).get("output_dir")
+            if output_dir:
+                log.info("run dir: %s", output_dir)
+        return optimized_metric(cfg, metrics or {})
+
+    return run
+
+
+def console_main(hydra_main: Callable[[], Any], config_dir: str) -> Callable[[], None]:
+    """The console script around ``hydra_main``: ``group=null`` is accepted as "no group".
+
+    ``main.__wrapped__`` is the wrapped task itself (sweepers and tests call it with a cfg).
+    """
+
+    def main() -> None:
+        sys.argv = accept_null_groups(sys.argv, config_dir)
+        hydra_main()
+
+    main.__wrapped__ = hydra_main.__wrapped__  # type: ignore[attr-defined]
+    main.__doc__ = hydra_main.__doc__
+    return main
