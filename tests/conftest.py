@@ -56,3 +56,45 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# A stand-in for idgen-sample in idgen-eval sweep tests: accepts the same overrides
+# (sampler.w_d, sampler.w_c, hydra.run.dir) and brightens the reference images with the weights,
+# so FID over a grid has a known best point (the smallest weights).
+STAND_IN_SAMPLER = """
+import sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+args = dict(a.split("=", 1) for a in sys.argv[1:])
+w_d, w_c = float(args["sampler.w_d"]), float(args["sampler.w_c"])
+out = Path(args["hydra.run.dir"]) / "samples"
+out.mkdir(parents=True, exist_ok=True)
+ref = sorted(Path(args["ref"]).glob("*.png"))
+for i, p in enumerate(ref):
+    img = np.asarray(Image.open(p).convert("RGB")).astype(int) + int(30 * w_d + 10 * w_c)
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(out / f"{i:05d}.png")
+"""
+
+
+@pytest.fixture
+def stand_in_sweep(tmp_path):
+    """What the idgen-eval sweep tests share: ``make(num_images) -> (ref, env)`` writes a folder
+    of demo reference images and ``stand_in_sampler.py`` (run with ``sample.module=
+    stand_in_sampler``) under ``tmp_path``, and returns the offline environment that finds it."""
+
+    def make(num_images: int) -> tuple[Path, dict[str, str]]:
+        from idgen.data.demo import make_demo_domain
+
+        ref = make_demo_domain(tmp_path / "ref", num_images=num_images, resolution=64, seed=0)
+        (tmp_path / "stand_in_sampler.py").write_text(STAND_IN_SAMPLER)
+        env = dict(
+            os.environ,
+            HF_HUB_OFFLINE="1",
+            WANDB_MODE="offline",
+            IDGEN_ROOT=str(tmp_path),
+            PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+        )
+        return ref, env
+
+    return make

@@ -1,6 +1,6 @@
 """A 2x2 w_d x w_c multirun of idgen-eval writes per-job metrics and the sweep summary.
 
-The sampling step is a stand-in module (idgen-sample is issue 4) that accepts the same
+The sampling step is a stand-in module (tests/conftest.py: STAND_IN_SAMPLER) that accepts the same
 overrides (sampler.w_d, sampler.w_c, hydra.run.dir) and brightens its images with the weights,
 so FID over the grid has a known best point: the smallest weights.
 """
@@ -8,39 +8,13 @@ so FID over the grid has a known best point: the smallest weights.
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
 import sys
 
-from idgen.data.demo import make_demo_domain
 
-STAND_IN = """
-import sys
-from pathlib import Path
-import numpy as np
-from PIL import Image
-args = dict(a.split("=", 1) for a in sys.argv[1:])
-w_d, w_c = float(args["sampler.w_d"]), float(args["sampler.w_c"])
-out = Path(args["hydra.run.dir"]) / "samples"
-out.mkdir(parents=True, exist_ok=True)
-ref = sorted(Path(args["ref"]).glob("*.png"))
-for i, p in enumerate(ref):
-    img = np.asarray(Image.open(p).convert("RGB")).astype(int) + int(30 * w_d + 10 * w_c)
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(out / f"{i:05d}.png")
-"""
-
-
-def test_guidance_grid_multirun_writes_summary(tmp_path):
-    ref = make_demo_domain(tmp_path / "ref", num_images=8, resolution=64, seed=0)
-    (tmp_path / "stand_in_sampler.py").write_text(STAND_IN)
+def test_guidance_grid_multirun_writes_summary(tmp_path, stand_in_sweep):
+    ref, env = stand_in_sweep(8)
     sweep = tmp_path / "sweep"
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        WANDB_MODE="offline",
-        IDGEN_ROOT=str(tmp_path),
-        PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
-    )
     cmd = [
         sys.executable, "-m", "idgen.evaluate", "hparams_search=guidance_grid",
         f"hydra.sweep.dir={sweep}", f"reference_dir={ref}", "device=cpu", "~logger",

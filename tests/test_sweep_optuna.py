@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import yaml
 from hydra.utils import instantiate
 
-from idgen.data.demo import make_demo_domain
 from tests.conftest import compose_config
-from tests.test_sweep_grid import STAND_IN
 
 
 def test_optuna_config_composes(tmp_path):
@@ -43,18 +40,10 @@ def test_slurm_launcher_config_composes_and_builds(tmp_path):
     assert built.params["partition"] == "gpu"
 
 
-def test_two_trial_optuna_run_returns_the_metric(tmp_path):
+def test_two_trial_optuna_run_returns_the_metric(tmp_path, stand_in_sweep):
     """Real Optuna study (2 trials) through idgen-eval; a stand-in sampler keeps it fast."""
-    ref = make_demo_domain(tmp_path / "ref", num_images=6, resolution=64, seed=0)
-    (tmp_path / "stand_in_sampler.py").write_text(STAND_IN)
+    ref, env = stand_in_sweep(6)
     sweep = tmp_path / "sweep"
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        WANDB_MODE="offline",
-        IDGEN_ROOT=str(tmp_path),
-        PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
-    )
     cmd = [
         sys.executable, "-m", "idgen.evaluate", "hparams_search=guidance_optuna",
         f"hydra.sweep.dir={sweep}", f"reference_dir={ref}", "device=cpu", "~logger",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import functools
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -25,12 +24,10 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from idgen.data import DemoDomainDataModule
-from idgen.data.demo import make_demo_domain
 from idgen.models import build_tiny_sd
 from idgen.modules import NullTextFinetuneModule
 from idgen.sample import sample
 from tests.conftest import compose_config
-from tests.test_sweep_grid import STAND_IN
 
 
 @pytest.fixture(autouse=True)
@@ -225,18 +222,10 @@ def test_sampling_logs_captioned_grids_and_guidance_trace(tmp_path):
     assert {"samples/grid/0", "samples/grid/1"} <= set(events.Tags()["images"])
 
 
-def test_eval_sweep_runs_grouped_and_heatmaps_logged(tmp_path):
+def test_eval_sweep_runs_grouped_and_heatmaps_logged(tmp_path, stand_in_sweep):
     """A 2-job grid with the wandb logger: each job's metrics in a run of the sweep's group."""
-    ref = make_demo_domain(tmp_path / "ref", num_images=6, resolution=64, seed=0)
-    (tmp_path / "stand_in_sampler.py").write_text(STAND_IN)
+    ref, env = stand_in_sweep(6)
     sweep = tmp_path / "sweep_a"
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        WANDB_MODE="offline",
-        IDGEN_ROOT=str(tmp_path),
-        PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
-    )
     cmd = [
         sys.executable, "-m", "idgen.evaluate", "hparams_search=guidance_grid",
         f"hydra.sweep.dir={sweep}", f"reference_dir={ref}", "device=cpu", "logger=wandb",
