@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from idgen.data.latents import latents_from_batch as data_latents
 from idgen.modules.diffusion_loss import denoising_loss
+from idgen.utils.dtypes import parse_dtype
 from idgen.utils.validation import NonFiniteLossError
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -48,7 +51,14 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 
 
 class DiffusionTrainingModule(L.LightningModule):
-    """Base class: frozen-part bookkeeping, the denoising loss, checkpoint filtering."""
+    """Base class of the training modules (stage 1, stage 2, the Table 1 baselines).
+
+    It owns what they share: frozen-part bookkeeping, the denoising loss (``training_step`` /
+    ``validation_step`` over the subclass's :meth:`denoiser`), the non-finite guard, the
+    output folder, the precision guard of frozen parts, the metadata, checkpoint filtering and
+    RNG state, and the export at the end of fit (:meth:`export` on rank 0, then a barrier so
+    no rank reads a half-written result).
+    """
 
     #: attribute names of frozen submodules (never trained, never checkpointed)
     frozen_names: tuple[str, ...] = ()
@@ -66,6 +76,9 @@ class DiffusionTrainingModule(L.LightningModule):
         snr_gamma: float | None = None,
         seed: int = 0,
         base_model: str = "unknown",
+        output_dir: str | None = None,
+        export_on_fit_end: bool = True,
+        export_dir_name: str = "export",
     ) -> None:
         super().__init__()
         self.model_loader = model_loader
@@ -81,6 +94,53 @@ class DiffusionTrainingModule(L.LightningModule):
         # frozen weights are not in checkpoints, so loading must tolerate their absence
         self.strict_loading = False
         self.nonfinite_skipped = 0
+        self.output_dir = output_dir
+        self.export_on_fit_end = export_on_fit_end
+        self.export_dir_name = export_dir_name
+        self.export_path: Path | None = None
+
+    @staticmethod
+    def guard_frozen_dtype(name: str | torch.dtype, field: str) -> torch.dtype:
+        """The dtype of frozen parts that include the SD VAE: float16 is refused (its decoder
+        overflows to NaN in half precision; diffusers upcasts it for the same reason)."""
+        dtype = parse_dtype(name, field)
+        if dtype == torch.float16:
+            raise ValueError(
+                f"{field}=float16 makes the SD VAE produce NaNs; use float32 or bfloat16."
+            )
+        return dtype
+
+    # --- output -----------------------------------------------------------------------------
+    def resolve_output_dir(self) -> Path:
+        """``output_dir``, or the trainer's ``default_root_dir``."""
+        if self.output_dir is not None:
+            return Path(self.output_dir)
+        return Path(self.trainer.default_root_dir)
+
+    def metadata(self) -> dict[str, object]:
+        """What the result records about how it was made (subclasses add their own keys)."""
+        return {
+            "prompt": self.prompt,
+            "base_model": self.base_model,
+            "steps": int(self.global_step) if self._trainer is not None else 0,
+        }
+
+    def export(self, out: str | Path) -> Path:
+        """Write the trained result to ``out`` (a file or folder); called on rank 0."""
+        raise NotImplementedError
+
+    def on_fit_end(self) -> None:
+        if not self.export_on_fit_end:
+            return
+        self.export_path = self.resolve_output_dir() / self.export_dir_name
+        self._export_rank_zero()
+        # other ranks (and the next stage on them) read what rank 0 has just written
+        self.trainer.strategy.barrier("exported")
+
+    @rank_zero_only
+    def _export_rank_zero(self) -> None:
+        self.export(self.export_path)
+        rank_zero_info(f"{type(self).__name__}: exported to {self.export_path}")
 
     # --- setup helpers ----------------------------------------------------------------------
     def _setup_noise(self, pipe: Any) -> None:
@@ -220,6 +280,7 @@ class DiffusionTrainingModule(L.LightningModule):
         for key in [k for k in state if k.startswith(frozen)]:
             del state[key]
         checkpoint["rng_states"] = capture_rng_states()
+        checkpoint["idgen_metadata"] = self.metadata()
         if self.noise_generator is not None:
             checkpoint["noise_generator"] = self.noise_generator.get_state()
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from idgen.baselines.export import export_baseline
@@ -30,7 +30,6 @@ from idgen.baselines.tokens import (
 from idgen.models.text import encode_text
 from idgen.modules.base import DiffusionTrainingModule, OptimizerFactory, SchedulerFactory
 from idgen.modules.sd_parts import freeze
-from idgen.utils.dtypes import parse_dtype
 
 
 def template_prompt(template: str, domain: str, token: str | None) -> str:
@@ -73,7 +72,16 @@ class BaselineModule(DiffusionTrainingModule):
         text_features: str | None = None,
     ) -> None:
         super().__init__(
-            model_loader, optimizer, lr_scheduler, noise_offset, snr_gamma, seed, base_model
+            model_loader,
+            optimizer,
+            lr_scheduler,
+            noise_offset,
+            snr_gamma,
+            seed,
+            base_model,
+            output_dir=output_dir,
+            export_on_fit_end=export_on_fit_end,
+            export_dir_name=export_dir_name,
         )
         for key in ("{domain}", "{token}"):
             if key not in prompt_template:
@@ -95,21 +103,13 @@ class BaselineModule(DiffusionTrainingModule):
         self.method = method
         self.domain = domain
         self.prompt_template = prompt_template
-        self.frozen_dtype = parse_dtype(frozen_dtype, "module.frozen_dtype")
-        if self.frozen_dtype == torch.float16:
-            raise ValueError(
-                "module.frozen_dtype=float16 makes the SD VAE produce NaNs; use float32 or bfloat16."
-            )
+        self.frozen_dtype = self.guard_frozen_dtype(frozen_dtype, "module.frozen_dtype")
         self.gradient_checkpointing = gradient_checkpointing
-        self.output_dir = output_dir
-        self.export_on_fit_end = export_on_fit_end
-        self.export_dir_name = export_dir_name
         self.unet: nn.Module | None = None
         self.token_vectors: nn.Parameter | None = None
         self.first_token_id: int | None = None
         self.cached_context: torch.Tensor | None = None
         self.num_trainable_params = 0
-        self.export_path: Path | None = None
         self._scheduler = None
 
     # --- setup ------------------------------------------------------------------------------
@@ -216,32 +216,14 @@ class BaselineModule(DiffusionTrainingModule):
         return pipe
 
     def metadata(self) -> dict[str, object]:
-        return {
-            "prompt": self.prompt,
+        return super().metadata() | {
             "domain": self.domain,
-            "base_model": self.base_model,
-            "steps": int(self.global_step) if self._trainer is not None else 0,
             "trainable_params": self.num_trainable_params,
         }
 
     def export(self, out_dir: str | Path) -> Path:
         vectors = self.token_vectors.detach() if self.token_vectors is not None else None
         return export_baseline(out_dir, self.method, self.unet, vectors, self.metadata())
-
-    def resolve_output_dir(self) -> Path:
-        if self.output_dir is not None:
-            return Path(self.output_dir)
-        return Path(self.trainer.default_root_dir)
-
-    def on_fit_end(self) -> None:
-        if self.export_on_fit_end:
-            self.export_path = self.resolve_output_dir() / self.export_dir_name
-            self._export_rank_zero()
-
-    @rank_zero_only
-    def _export_rank_zero(self) -> None:
-        self.export(self.export_path)
-        rank_zero_info(f"baseline {self.method.name} exported to {self.export_path}")
 
     # --- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 
 from idgen.models.null_text_unet import NullTextUNet
@@ -20,7 +19,6 @@ from idgen.modules.sd_parts import (
     freeze,
     load_text_features,
 )
-from idgen.utils.dtypes import parse_dtype
 
 
 class NullTextFinetuneModule(DiffusionTrainingModule):
@@ -61,17 +59,22 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
         base_model: str = "unknown",
     ) -> None:
         super().__init__(
-            model_loader, optimizer, lr_scheduler, noise_offset, snr_gamma, seed, base_model
+            model_loader,
+            optimizer,
+            lr_scheduler,
+            noise_offset,
+            snr_gamma,
+            seed,
+            base_model,
+            output_dir=output_dir,
+            export_on_fit_end=export_on_fit_end,
+            export_dir_name=export_dir_name,
         )
         if init not in ("value", "calibrated"):
             raise ValueError(f"module.init={init!r}: use 'value' or 'calibrated'.")
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"module.ema_decay={ema_decay} must be in [0, 1) or null.")
-        self.vae_dtype = parse_dtype(vae_dtype, "module.vae_dtype")
-        if self.vae_dtype == torch.float16:
-            raise ValueError(
-                "module.vae_dtype=float16 makes the SD VAE produce NaNs; use float32 or bfloat16."
-            )
+        self.vae_dtype = self.guard_frozen_dtype(vae_dtype, "module.vae_dtype")
         if use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
             raise ImportError(
                 "module.use_8bit_adam=true needs bitsandbytes (pip install bitsandbytes, CUDA "
@@ -87,14 +90,10 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
         self.ema_warmup = ema_warmup
         self.use_8bit_adam = use_8bit_adam
         self.gradient_checkpointing = gradient_checkpointing
-        self.output_dir = output_dir
-        self.export_on_fit_end = export_on_fit_end
-        self.export_dir_name = export_dir_name
         self.domain_unet: NullTextUNet | None = None
         self.text_features: torch.Tensor | None = None
         self.ema: EMA | None = None
         self._pending_ema: dict | None = None
-        self.export_path: Path | None = None
 
     # --- setup ------------------------------------------------------------------------------
     def _calibration_latents(self) -> torch.Tensor:
@@ -191,17 +190,9 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
         """Passes prompt-plan items through: ``DecoupledGuidanceSampling`` samples at predict time."""
         return batch
 
-    def resolve_output_dir(self) -> Path:
-        if self.output_dir is not None:
-            return Path(self.output_dir)
-        return Path(self.trainer.default_root_dir)
-
     # --- export -----------------------------------------------------------------------------
     def metadata(self) -> dict[str, object]:
-        return {
-            "prompt": self.prompt,
-            "base_model": self.base_model,
-            "steps": int(self.global_step),
+        return super().metadata() | {
             "init": self.init,
             "prediction_type": self.prediction_type,
             "text_features_source": str(self.text_features_path or "encoded prompt"),
@@ -214,17 +205,6 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
                 return export_domain_model(self.domain_unet, out_dir, self.text_features, meta)
         return export_domain_model(self.domain_unet, out_dir, self.text_features, meta)
 
-    def on_fit_end(self) -> None:
-        if self.export_on_fit_end:
-            self.export_path = self.resolve_output_dir() / self.export_dir_name
-            self._export_rank_zero()
-            self.trainer.strategy.barrier("domain_model_exported")
-
-    @rank_zero_only
-    def _export_rank_zero(self) -> None:
-        self.export(self.export_path)
-        rank_zero_info(f"domain model exported to {self.export_path}")
-
     # --- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -234,7 +214,6 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
             "init": self.domain_unet.config.init,
         }
         checkpoint["text_features"] = self.text_features
-        checkpoint["idgen_metadata"] = self.metadata()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)

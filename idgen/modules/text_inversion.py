@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import nn
 
 from idgen.modules.base import DiffusionTrainingModule, OptimizerFactory, SchedulerFactory
@@ -21,7 +20,6 @@ from idgen.modules.sd_parts import (
     freeze,
     save_text_features,
 )
-from idgen.utils.dtypes import parse_dtype
 
 
 class TextFeatureInversionModule(DiffusionTrainingModule):
@@ -48,7 +46,16 @@ class TextFeatureInversionModule(DiffusionTrainingModule):
         base_model: str = "unknown",
     ) -> None:
         super().__init__(
-            model_loader, optimizer, lr_scheduler, noise_offset, snr_gamma, seed, base_model
+            model_loader,
+            optimizer,
+            lr_scheduler,
+            noise_offset,
+            snr_gamma,
+            seed,
+            base_model,
+            output_dir=output_dir,
+            export_on_fit_end=True,
+            export_dir_name=TEXT_FEATURES_FILE,
         )
         if "{domain}" not in prompt_template:
             raise ValueError(
@@ -56,14 +63,8 @@ class TextFeatureInversionModule(DiffusionTrainingModule):
             )
         self.save_hyperparameters(ignore=["model_loader", "optimizer", "lr_scheduler"])
         self.prompt = prompt_template.format(domain=domain)
-        self.output_dir = output_dir
-        self.frozen_dtype = parse_dtype(frozen_dtype, "module.frozen_dtype")
-        if self.frozen_dtype == torch.float16:
-            raise ValueError(
-                "module.frozen_dtype=float16 makes the SD VAE produce NaNs; use float32 or bfloat16."
-            )
+        self.frozen_dtype = self.guard_frozen_dtype(frozen_dtype, "module.frozen_dtype")
         self.text_features: nn.Parameter | None = None
-        self.features_path: Path | None = None
 
     def setup(self, stage: str) -> None:
         if self.text_features is not None:
@@ -95,29 +96,12 @@ class TextFeatureInversionModule(DiffusionTrainingModule):
         return predict
 
     def metadata(self) -> dict[str, object]:
-        return {
-            "prompt": self.prompt,
-            "base_model": self.base_model,
-            "steps": int(self.global_step),
-            "prediction_type": self.prediction_type,
-        }
+        return super().metadata() | {"prediction_type": self.prediction_type}
 
-    def resolve_output_dir(self) -> Path:
-        if self.output_dir is not None:
-            return Path(self.output_dir)
-        return Path(self.trainer.default_root_dir)
+    @property
+    def features_path(self) -> Path | None:
+        """``text_features.safetensors``, written at the end of fit."""
+        return self.export_path
 
-    def on_fit_end(self) -> None:
-        self.features_path = self.resolve_output_dir() / TEXT_FEATURES_FILE
-        self._write_features()
-        # stage 2 on other ranks reads the file rank 0 has just written
-        self.trainer.strategy.barrier("text_features_written")
-
-    @rank_zero_only
-    def _write_features(self) -> None:
-        save_text_features(self.features_path, self.text_features.detach(), self.metadata())
-        rank_zero_info(f"text features written to {self.features_path}")
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["idgen_metadata"] = self.metadata()
+    def export(self, out: str | Path) -> Path:
+        return save_text_features(out, self.text_features.detach(), self.metadata())
