@@ -27,6 +27,7 @@ from bench_common import (
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 from idgen.models import NullTextUNet
+from idgen.models.text import encode_text
 from idgen.pipelines import InDomainPipeline
 
 PROMPT = "a photo of a red circle"
@@ -34,9 +35,8 @@ PROMPT = "a photo of a red circle"
 
 def build(args) -> tuple[StableDiffusionPipeline, NullTextUNet]:
     sd = build_sd(args.geometry, args.device)
-    ids = sd.tokenizer([PROMPT], padding="max_length", return_tensors="pt").input_ids
     with torch.no_grad():
-        features = sd.text_encoder(ids.to(args.device))[0]
+        features = encode_text(sd.tokenizer, sd.text_encoder, [PROMPT], args.device)
     domain = NullTextUNet.from_unet(sd.unet, features, init="value")
     dtype = getattr(torch, args.dtype)
     if dtype != torch.float32:

@@ -29,6 +29,7 @@ from bench_common import Geometry, build_sd, is_cuda, native_resolution, peak_me
 from diffusers.models.attention_processor import AttnProcessor
 
 from idgen.models import NullTextUNet
+from idgen.models.text import encode_text
 
 PROMPT = "a photo of a face"
 OPTIONS = ("cache", "gc", "fused", "classic")
@@ -96,9 +97,8 @@ class TrainSetup:
             self.text_encoder = sd.text_encoder.to(dtype=frozen).requires_grad_(False).eval()
             self.model = sd.unet
         else:
-            ids = sd.tokenizer([PROMPT], padding="max_length", return_tensors="pt").input_ids
             with torch.no_grad():
-                features = sd.text_encoder(ids.to(self.device))[0]
+                features = encode_text(sd.tokenizer, sd.text_encoder, [PROMPT], self.device)
             self.text_encoder = None
             self.model = NullTextUNet.from_unet(sd.unet, features)
             del sd.unet

@@ -175,6 +175,7 @@ def section_sampling(rec: Recorder, budget: Budget, device: str, smoke: bool) ->
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     from idgen.models import NullTextUNet
+    from idgen.models.text import encode_text
     from idgen.pipelines import InDomainPipeline
 
     s = sizes(smoke)
@@ -187,9 +188,8 @@ def section_sampling(rec: Recorder, budget: Budget, device: str, smoke: bool) ->
         dtype = getattr(torch, dtype_name)
         short = {"float16": "fp16", "bfloat16": "bf16"}[dtype_name]
         sd = build_sd(s["geometry"], device)
-        ids = sd.tokenizer([PROMPT], padding="max_length", return_tensors="pt").input_ids
         with torch.no_grad():
-            features = sd.text_encoder(ids.to(device))[0]
+            features = encode_text(sd.tokenizer, sd.text_encoder, [PROMPT], device)
         domain = NullTextUNet.from_unet(sd.unet, features).to(dtype=dtype)
         sd.to(dtype=dtype)
         scheduler = DPMSolverMultistepScheduler.from_config(sd.scheduler.config)
