@@ -46,7 +46,8 @@ from diffusers import (
 )
 
 from idgen.models import build_tiny_sd
-from idgen.models.tiny import SD15_SCHEDULER_JSON
+from idgen.models.text import encode_text
+from idgen.models.tiny import SD15_SCHEDULER_JSON, TINY_UNET
 from idgen.modules.ema import EMA
 from idgen.toyworld.metrics import read_image, score, to_uint8_arrays
 from idgen.toyworld.render import (
@@ -96,17 +97,9 @@ def build_vae() -> AutoencoderKL:
 
 
 def build_unet(cross_attention_dim: int) -> UNet2DConditionModel:
+    """The tiny preset's UNet geometry (``idgen.models.tiny.TINY_UNET``) on 8x8 latents."""
     return UNet2DConditionModel(
-        sample_size=RESOLUTION // 4,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8,
-        norm_num_groups=8,
+        **{**TINY_UNET, "sample_size": RESOLUTION // 4}, cross_attention_dim=cross_attention_dim
     )
 
 
@@ -184,14 +177,8 @@ def reconstruction_metrics(vae: AutoencoderKL, seed: int, num_images: int = 96) 
 
 @torch.no_grad()
 def encode_captions(pipe: StableDiffusionPipeline, captions: list[str]) -> torch.Tensor:
-    ids = pipe.tokenizer(
-        captions,
-        padding="max_length",
-        max_length=pipe.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    return pipe.text_encoder(ids)[0]
+    """Frozen text-encoder features of ``captions`` (idgen's one prompt encoder)."""
+    return encode_text(pipe.tokenizer, pipe.text_encoder, captions)
 
 
 def train_unet(pipe: StableDiffusionPipeline, recipe: Recipe, log_every: int = 100) -> EMA:
