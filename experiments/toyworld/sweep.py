@@ -27,6 +27,7 @@ from pathlib import Path
 
 from tradeoff import write_tradeoff
 
+from idgen.toyworld.job import training_overrides
 from idgen.toyworld.render import all_captions
 
 
@@ -85,12 +86,11 @@ def train_finetune_steps(job: Path, steps: int, args) -> Path:
     model = job / "finetune_steps" / str(steps) / "baseline_model"
     if (model / "idgen_baseline.json").is_file():
         return model
+    # the job's own training overrides (data, caches, logs, seed), another step budget
+    job_args = argparse.Namespace(out=job, steps=steps, lr=None, seed=0)
     cmd = [
-        sys.executable, "-m", "idgen.train", "experiment=toyworld_finetune",
-        f"hydra.run.dir={model.parent}", f"paths.data_dir={job}", f"paths.cache_dir={job / 'cache'}",
-        f"paths.log_dir={job}", f"data.root={job / 'domain'}", f"trainer.max_steps={steps}",
-        f"callbacks.model_checkpoint.every_n_train_steps={steps}",
-        "callbacks.progress_bar.refresh_rate=0",
+        sys.executable, "-m", "idgen.train", *training_overrides(job_args, "toyworld_finetune"),
+        f"hydra.run.dir={model.parent}", f"callbacks.model_checkpoint.every_n_train_steps={steps}",
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1")
     print(" ".join(cmd))

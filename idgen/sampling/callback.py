@@ -324,9 +324,7 @@ def _find_plan(trainer: L.Trainer) -> SamplingPlan:
     """The plan of the predict data: ``datamodule.plan`` or the dataloader's ``dataset.plan``."""
     plan = getattr(trainer.datamodule, "plan", None)
     if plan is None:
-        loaders = trainer.predict_dataloaders
-        loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
-        plan = getattr(getattr(loaders[0], "dataset", None), "plan", None)
+        plan = getattr(getattr(_first_predict_loader(trainer), "dataset", None), "plan", None)
     if not isinstance(plan, SamplingPlan):
         raise ValueError(
             "DecoupledGuidanceSampling needs prompts x seeds as predict data: pass "
@@ -338,7 +336,11 @@ def _find_plan(trainer: L.Trainer) -> SamplingPlan:
 def _loader_batch_size(trainer: L.Trainer) -> int:
     size = getattr(trainer.datamodule, "batch_size", None)
     if size is None:
-        loaders = trainer.predict_dataloaders
-        loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
-        size = getattr(loaders[0], "batch_size", None)
+        size = getattr(_first_predict_loader(trainer), "batch_size", None)
     return int(size or 1)
+
+
+def _first_predict_loader(trainer: L.Trainer):
+    """The (first) predict DataLoader the trainer was given."""
+    loaders = trainer.predict_dataloaders
+    return loaders[0] if isinstance(loaders, list | tuple) else loaders
