@@ -31,6 +31,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from torch import nn
 
 from idgen.models import build_tiny_sd
 from idgen.models.text import encode_text
@@ -54,6 +56,7 @@ from idgen.toyworld.render import (
     COLOURS,
     SHAPES,
     all_captions,
+    caption,
     render_batch,
     render_world,
     to_tensor,
@@ -63,23 +66,30 @@ RESOLUTION = 32
 
 
 @dataclass
-class Recipe:
-    """Every knob of the recipe; saved beside the weights."""
+class TrainingRecipe:
+    """What every toy recipe's noise-prediction loop reads (``train_noise_prediction``)."""
 
     seed: int = 0
-    steps: int = 8000  # UNet steps
-    vae_steps: int = 2500  # every background (five) reconstructs well only after ~2k steps
+    steps: int = 1000
     batch_size: int = 32
     lr: float = 1e-3
-    vae_lr: float = 1e-3
     warmup_steps: int = 100
     caption_dropout: float = 0.1
-    kl_weight: float = 1e-5
     ema_decay: float = 0.999
-    eval_per_caption: int = 32
     eval_steps: int = 25
     guidance_scale: float = 2.5
     threads: int = 1
+
+
+@dataclass
+class Recipe(TrainingRecipe):
+    """Every knob of the base's recipe; saved beside the weights."""
+
+    steps: int = 8000  # UNet steps
+    vae_steps: int = 2500  # every background (five) reconstructs well only after ~2k steps
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-5
+    eval_per_caption: int = 32
 
 
 def build_vae() -> AutoencoderKL:
@@ -181,51 +191,77 @@ def encode_captions(pipe: StableDiffusionPipeline, captions: list[str]) -> torch
     return encode_text(pipe.tokenizer, pipe.text_encoder, captions)
 
 
-def train_unet(pipe: StableDiffusionPipeline, recipe: Recipe, log_every: int = 100) -> EMA:
-    """Text-to-image epsilon training on open-world images; returns the EMA of the UNet."""
-    unet, vae = pipe.unet, pipe.vae
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+def train_noise_prediction(
+    sd: StableDiffusionPipeline,
+    trained: nn.Module,
+    predict: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list], torch.Tensor],
+    recipe: TrainingRecipe,
+    phase: int,
+    label: str,
+    log_every: int = 100,
+) -> EMA:
+    """The toy recipes' one training loop: epsilon prediction on fresh open-world batches.
+
+    ``predict(noisy, t, context, specs)`` is the noise prediction whose ``trained`` parameters
+    learn (the base's UNet; the ControlNet through the frozen UNet, conditioned on ``specs``).
+    The VAE and text encoder stay frozen; captions are dropped to ``""`` with
+    ``recipe.caption_dropout`` for classifier-free guidance. ``phase`` picks the recipe's render
+    seeds (``_batch_seed``). Returns the EMA of ``trained``.
+    """
+    noise_scheduler = DDPMScheduler.from_config(sd.scheduler.config)
     captions = all_captions()
     # The text encoder is frozen: every caption's features (and the empty one) are fixed.
-    features = encode_captions(pipe, [*captions, ""])
+    features = encode_captions(sd, [*captions, ""])
     empty = len(captions)
-    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.lr, weight_decay=1e-2)
-    ema = EMA(unet, decay=recipe.ema_decay)
+    opt = torch.optim.AdamW(trained.parameters(), lr=recipe.lr, weight_decay=1e-2)
+    ema = EMA(trained, decay=recipe.ema_decay)
     gen = torch.Generator().manual_seed(recipe.seed + 1)
-    sf = vae.config.scaling_factor
-    unet.train()
+    sf = sd.vae.config.scaling_factor
+    trained.train()
     start = time.time()
     for step in range(recipe.steps):
         # 1. a fresh open-world batch, encoded by the frozen VAE
-        x, batch_captions = render_batch(
-            "open", recipe.batch_size, RESOLUTION, _batch_seed(recipe.seed, 3, step)
+        images, specs = render_world(
+            "open", recipe.batch_size, RESOLUTION, _batch_seed(recipe.seed, phase, step)
         )
         with torch.no_grad():
-            latents = vae.encode(x).latent_dist.sample(gen) * sf
+            latents = sd.vae.encode(to_tensor(images)).latent_dist.sample(gen) * sf
         # 2. captions, with dropout to "" for classifier-free guidance
-        index = torch.tensor([captions.index(c) for c in batch_captions])
+        index = torch.tensor([captions.index(caption(s.colour, s.shape)) for s in specs])
         drop = torch.rand(len(index), generator=gen) < recipe.caption_dropout
         context = features[torch.where(drop, empty, index)]
         # 3. noise at random timesteps; predict it
         noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x),), generator=gen)
+        t = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=gen
+        )
         noisy = noise_scheduler.add_noise(latents, noise, t)
-        loss = F.mse_loss(unet(noisy, t, context).sample, noise)
+        loss = F.mse_loss(predict(noisy, t, context, specs), noise)
         # 4. optimiser and EMA
         for group in opt.param_groups:
             group["lr"] = recipe.lr * lr_factor(step, recipe.warmup_steps, recipe.steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         opt.step()
-        ema.update(unet)
+        ema.update(trained)
         if log_every and (step % log_every == 0 or step == recipe.steps - 1):
             print(
-                f"unet step {step:5d} loss {loss.item():.4f} ({time.time() - start:.0f}s)",
+                f"{label} step {step:5d} loss {loss.item():.4f} ({time.time() - start:.0f}s)",
                 flush=True,
             )
-    unet.eval()
+    trained.eval()
     return ema
+
+
+def train_unet(pipe: StableDiffusionPipeline, recipe: Recipe, log_every: int = 100) -> EMA:
+    """Text-to-image epsilon training on open-world images; returns the EMA of the UNet."""
+    unet = pipe.unet
+
+    def predict(noisy, t, context, specs):
+        return unet(noisy, t, context).sample
+
+    return train_noise_prediction(pipe, unet, predict, recipe, 3, "unet", log_every)
 
 
 def evaluation_prompts(per_caption: int) -> tuple[list[str], list[str], list[str]]:

@@ -26,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from diffusers import ControlNetModel, DDPMScheduler
+from diffusers import ControlNetModel
 
 from idgen.models import load_sd
 from idgen.modules.ema import EMA
@@ -35,12 +34,12 @@ from idgen.toyworld.conditions import mask_iou, render_mask
 from idgen.toyworld.metrics import score, to_uint8_arrays
 from idgen.toyworld.pretrain import (
     RESOLUTION,
+    TrainingRecipe,
     _batch_seed,
     _save_atomically,
-    encode_captions,
-    lr_factor,
+    train_noise_prediction,
 )
-from idgen.toyworld.render import all_captions, caption, render_world, to_tensor
+from idgen.toyworld.render import caption, render_world, to_tensor
 
 # Recipe phase for ``_batch_seed``: the base's recipe uses 1-4, so the batches differ from its.
 _TRAIN_PHASE, _EVAL_PHASE = 5, 6
@@ -50,25 +49,18 @@ EMBEDDING_CHANNELS = (16, 32, 64)
 
 
 @dataclass
-class Recipe:
-    """Every knob of the recipe; saved beside the weights."""
+class Recipe(TrainingRecipe):
+    """Every knob of the ControlNet's recipe; saved beside the weights."""
 
-    seed: int = 0
     steps: int = 1200
-    batch_size: int = 32
-    lr: float = 1e-3
     warmup_steps: int = 50
-    caption_dropout: float = 0.1
     ema_decay: float = 0.99
     eval_num: int = 48
-    eval_steps: int = 25
-    guidance_scale: float = 2.5
     # The ControlNet acts in the control term only, so w_c amplifies its residuals too: at
     # scale 1 and w_c 2.5 samples took the mask's look (dark backgrounds, colour 0.47 on a
     # validation set); 0.5 kept colour (0.84) and placed objects better (IoU 0.78 vs 0.71).
     # conf/sampler/controlnet_toyworld.yaml uses the same value.
     conditioning_scale: float = 0.5
-    threads: int = 1
 
 
 def condition_tensor(specs) -> torch.Tensor:
@@ -78,59 +70,25 @@ def condition_tensor(specs) -> torch.Tensor:
 
 def train_controlnet(sd, controlnet: ControlNetModel, recipe: Recipe, log_every: int = 100) -> EMA:
     """Noise-prediction loss of the frozen base + ControlNet residuals; returns the EMA."""
-    unet, vae = sd.unet.requires_grad_(False).eval(), sd.vae.requires_grad_(False).eval()
-    noise_scheduler = DDPMScheduler.from_config(sd.scheduler.config)
-    captions = all_captions()
-    features = encode_captions(sd, [*captions, ""])
-    empty = len(captions)
-    opt = torch.optim.AdamW(controlnet.parameters(), lr=recipe.lr, weight_decay=1e-2)
-    ema = EMA(controlnet, decay=recipe.ema_decay)
-    gen = torch.Generator().manual_seed(recipe.seed + 1)
-    sf = vae.config.scaling_factor
-    controlnet.train()
-    start = time.time()
-    for step in range(recipe.steps):
-        # 1. a fresh open-world batch, its masks, encoded by the frozen VAE
-        images, specs = render_world(
-            "open", recipe.batch_size, RESOLUTION, _batch_seed(recipe.seed, _TRAIN_PHASE, step)
+    unet = sd.unet.requires_grad_(False).eval()
+    sd.vae.requires_grad_(False).eval()
+
+    def predict(noisy, t, context, specs):
+        # the mask alone must place the object too: captions are dropped as for the base
+        down, mid = controlnet(
+            noisy, t, context, controlnet_cond=condition_tensor(specs), return_dict=False
         )
-        with torch.no_grad():
-            latents = vae.encode(to_tensor(images)).latent_dist.sample(gen) * sf
-        cond = condition_tensor(specs)
-        # 2. captions with dropout (the mask alone must place the object too)
-        index = torch.tensor([captions.index(caption(s.colour, s.shape)) for s in specs])
-        drop = torch.rand(len(index), generator=gen) < recipe.caption_dropout
-        context = features[torch.where(drop, empty, index)]
-        # 3. noise; the ControlNet's residuals enter the frozen UNet, which predicts it
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(
-            0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=gen
-        )
-        noisy = noise_scheduler.add_noise(latents, noise, t)
-        down, mid = controlnet(noisy, t, context, controlnet_cond=cond, return_dict=False)
-        pred = unet(
+        return unet(
             noisy,
             t,
             context,
             down_block_additional_residuals=down,
             mid_block_additional_residual=mid,
         ).sample
-        loss = F.mse_loss(pred, noise)
-        # 4. optimiser and EMA
-        for group in opt.param_groups:
-            group["lr"] = recipe.lr * lr_factor(step, recipe.warmup_steps, recipe.steps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
-        opt.step()
-        ema.update(controlnet)
-        if log_every and (step % log_every == 0 or step == recipe.steps - 1):
-            print(
-                f"controlnet step {step:5d} loss {loss.item():.4f} ({time.time() - start:.0f}s)",
-                flush=True,
-            )
-    controlnet.eval()
-    return ema
+
+    return train_noise_prediction(
+        sd, controlnet, predict, recipe, _TRAIN_PHASE, "controlnet", log_every
+    )
 
 
 @torch.no_grad()
