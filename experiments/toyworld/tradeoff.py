@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from idgen.metrics.sweep_summary import collect
-from idgen.utils.io import atomic_write_text
+from idgen.utils.io import atomic_write_text, save_figure_atomic
 
 STYLES = {
     "ours": {"color": "tab:blue", "marker": "o"},
@@ -115,12 +115,7 @@ def draw(series: dict[str, list[dict]], out: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)  # never a half-written figure
-    return out
+    return save_figure_atomic(fig, out)
 
 
 def _row(name: str, p: dict) -> str:

@@ -102,32 +102,6 @@ def heatmap_figure(
     return fig
 
 
-def _save_figure(fig: Figure, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=fig.dpi)
-    plt.close(fig)
-    os.replace(tmp, path)  # atomic: a reader never sees half a PNG
-    return path
-
-
-def draw_heatmap(
-    grid: Sequence[Sequence[float | None]],
-    x_values: Sequence,
-    y_values: Sequence,
-    x_label: str,
-    y_label: str,
-    title: str,
-    best: tuple[int, int] | None,
-    path: str | os.PathLike,
-    higher_is_better: bool = False,
-) -> Path:
-    """Write :func:`heatmap_figure` as a PNG at ``path``; returns the path."""
-    fig = heatmap_figure(grid, x_values, y_values, x_label, y_label, title, best, higher_is_better)
-    return _save_figure(fig, path)
-
-
 # ------------------------------------------------------------------------------ montage
 
 

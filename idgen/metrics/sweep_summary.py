@@ -18,10 +18,10 @@ from pathlib import Path
 
 import yaml
 
-from idgen.metrics.heatmap import draw_heatmap, draw_montage
+from idgen.metrics.heatmap import draw_montage, heatmap_figure
 from idgen.metrics.images import ImageFolderError, list_images
 from idgen.metrics.results import METRICS_FILE
-from idgen.utils.io import atomic_write_text
+from idgen.utils.io import atomic_write_text, save_figure_atomic
 
 # Which direction is better for each metric the heatmaps and "best" use.
 LOWER_IS_BETTER = {"fid": True, "kid_mean": True, "canny_discrepancy": True}
@@ -231,10 +231,10 @@ def summarize(
             grid, xs, ys, best = grid_of(jobs, m, xa, ya)
             better = "higher" if m in HIGHER_IS_BETTER else "lower"
             title = f"{m} ({better} is better) over {ya} x {xa}"
-            path = draw_heatmap(
-                grid, xs, ys, xa, ya, title, best, sweep_dir / f"heatmap_{m}.png",
-                higher_is_better=m in HIGHER_IS_BETTER,
-            )  # fmt: skip
+            fig = heatmap_figure(
+                grid, xs, ys, xa, ya, title, best, higher_is_better=m in HIGHER_IS_BETTER
+            )
+            path = save_figure_atomic(fig, sweep_dir / f"heatmap_{m}.png")
             written[f"heatmap_{m}"] = path
             md += [f"![{m}]({path.name})", ""]
 

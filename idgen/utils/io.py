@@ -67,6 +67,16 @@ def save_image_atomic(
     return atomic_write_bytes(path, buf.getvalue())
 
 
+def save_figure_atomic(fig: Any, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure as a PNG atomically and close it (it is not shown again)."""
+    import matplotlib.pyplot as plt  # only figure writers need matplotlib
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=fig.dpi)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
 def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Move a fully written folder ``tmp`` to ``out``; an older ``out`` is dropped only at the end."""
     tmp, out = Path(tmp), Path(out)
