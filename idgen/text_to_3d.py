@@ -41,7 +41,9 @@ from idgen.scene import (
 )
 from idgen.scene.report import to_frames, write_gif, write_loss_curve
 from idgen.sds import MultiGuidanceSDS
+from idgen.utils.dtypes import parse_optional_dtype
 from idgen.utils.io import atomic_torch_save, atomic_write_text, save_image_atomic
+from idgen.utils.task import console_main, task_wrapper
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +58,6 @@ _IDENTITY_KEYS = (
     "seed",
     "init",
 )
-_DTYPES = {
-    None: None,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
 
 
 def run_identity(cfg: DictConfig) -> str:
@@ -79,9 +75,7 @@ def load_models(cfg: DictConfig) -> tuple[Any, Any]:
     """The frozen SD (``model`` group, loaded lazily here) and the optional domain model."""
     from idgen.models import NullTextUNet
 
-    if cfg.dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {list(_DTYPES)[1:]} or null, got {cfg.dtype!r}")
-    dtype = _DTYPES[cfg.dtype]
+    dtype = parse_optional_dtype(cfg.dtype, "dtype")
     sd = instantiate(cfg.model)()
     sd.to(cfg.device)
     if dtype is not None:
@@ -292,8 +286,13 @@ def text_to_3d(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="3d.yaml")
-def main(cfg: DictConfig) -> None:
-    text_to_3d(cfg)
+@task_wrapper
+def hydra_main(cfg: DictConfig) -> dict[str, Any]:
+    """``idgen-3d``: any ``group=null`` is accepted as "no group"."""
+    return text_to_3d(cfg)
+
+
+main = console_main(hydra_main, CONFIG_DIR)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,17 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from idgen.guidance import GuidanceTerm, auto_weight
+from idgen.guidance import GuidanceTerm, auto_weight, decoupled_terms
 from idgen.models import NullTextUNet, build_tiny_sd
-from idgen.sds import MultiGuidanceSDS, TimestepSchedule, sds_loss, sds_weight, to_epsilon
+from idgen.models.text import encode_text
+from idgen.sds import (
+    MultiGuidanceSDS,
+    TimestepSchedule,
+    sds_loss,
+    sds_terms,
+    sds_weight,
+    to_epsilon,
+)
 
 PROMPT = "a photo of a red circle"
 
@@ -280,3 +288,55 @@ def test_domain_interval_keeps_the_domain_term_to_high_noise(models):
     torch.testing.assert_close(out.weights["control"], torch.tensor([1.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match="interval"):
         MultiGuidanceSDS(sd, PROMPT, domain_model=domain, w_d=1.0, domain_interval=(0.8, 0.2))
+
+
+def test_terms_are_samplings_guidance_terms_with_the_domain_model(models):
+    sd, domain = models
+    extra = [
+        GuidanceTerm(model=domain, weight=2.0),
+        GuidanceTerm(prompt="a blue square", weight=0),  # dropped, still counts for the name
+        GuidanceTerm(prompt="a blue square", weight=1.0),
+    ]
+    sds = MultiGuidanceSDS(
+        sd,
+        PROMPT,
+        domain_model=domain,
+        w_d=1.5,
+        w_c=None,
+        control_interval=(0.2, 1.0),
+        extra_guidance=extra,
+    )
+    assert [t.name for t in sds.terms] == ["domain", "control", "extra_0", "extra_2"]
+    domain_term, control_term = decoupled_terms(1.5, None, control_interval=(0.2, 1.0))
+    assert sds.terms[0] == GuidanceTerm(
+        "domain", domain, weight=1.5, start=domain_term.start, end=domain_term.end
+    )
+    assert sds.terms[1] == control_term and control_term.model is None
+    assert sds.terms[2].model is domain and sds.terms[2].weight == 2.0
+    # Text features resolved once: none for the text-free models, the one prompt encoder's else.
+    with torch.no_grad():
+        expected = {p: encode_text(sd.tokenizer, sd.text_encoder, [p]) for p in (PROMPT, "")}
+        blue = encode_text(sd.tokenizer, sd.text_encoder, ["a blue square"])
+    assert sds.embeds["domain"] is None and sds.embeds["extra_0"] is None
+    torch.testing.assert_close(sds.embeds["control"], expected[PROMPT])
+    torch.testing.assert_close(sds.embeds["extra_2"], blue)
+    torch.testing.assert_close(sds.uncond_embeds, expected[""])
+    cond, _ = sd.encode_prompt(PROMPT, "cpu", 1, False)
+    torch.testing.assert_close(sds.encode_text(PROMPT), cond)
+
+
+def test_sds_terms_drop_and_check_like_sampling(models):
+    _, domain = models
+    # No domain model: no domain term; a weight of 0 drops a term; "auto" is None.
+    assert [t.name for t in sds_terms(None, None, 2.0)] == ["control"]
+    assert [t.name for t in sds_terms(domain, 0, None)] == ["control"]
+    assert sds_terms(domain, "auto", 0)[0].weight == "auto"
+    with pytest.raises(ValueError, match="used twice"):
+        sds_terms(None, None, None, extra_guidance=[GuidanceTerm("control", weight=1.0)])
+    with pytest.raises(ValueError, match="domain_interval"):
+        sds_terms(domain, 1.0, 1.0, domain_interval=(0.8, 0.2))
+    with pytest.raises(ValueError, match="control_interval"):
+        sds_terms(domain, 1.0, 1.0, control_interval=(0.5, 1.5))
+    pil = GuidanceTerm("edges", controlnet=object(), control_image=[1], weight=1.0)
+    with pytest.raises(ValueError, match="SDS takes control_image"):
+        sds_terms(None, None, None, extra_guidance=[pil])

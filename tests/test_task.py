@@ -8,7 +8,7 @@ import logging
 import pytest
 from omegaconf import OmegaConf
 
-from idgen import evaluate, sample, train
+from idgen import evaluate, sample, text_to_3d, train
 from idgen.utils.task import task_wrapper
 
 
@@ -46,6 +46,6 @@ def test_loggers_closed_and_run_dir_logged_even_when_the_task_fails(tmp_path, mo
 
 
 def test_every_cli_has_the_same_shape():
-    for module in (train, sample, evaluate):
+    for module in (train, sample, evaluate, text_to_3d):
         assert module.main.__wrapped__.__name__ == "hydra_main", module.__name__
         assert "group=null" in module.main.__doc__

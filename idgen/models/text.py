@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,3 +34,9 @@ def encode_text(
     if getattr(text_encoder.config, "use_attention_mask", False):
         mask = inputs.attention_mask.to(device)
     return text_encoder(inputs.input_ids.to(device), attention_mask=mask)[0]
+
+
+def accepts_text(model: Any) -> bool:
+    """Whether ``model`` is called with ``encoder_hidden_states`` (a text-conditioned UNet),
+    as opposed to a text-free one called as ``model(latents, t)`` (``NullTextUNet``)."""
+    return "encoder_hidden_states" in inspect.signature(model.forward).parameters

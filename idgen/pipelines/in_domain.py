@@ -35,7 +35,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from idgen.guidance import CONTROL, DOMAIN, GuidanceTerm, Guider, decoupled_terms, is_active
-from idgen.models.text import encode_text
+from idgen.models.text import accepts_text, encode_text
 from idgen.pipelines.controlnet_residuals import Chunk, Control, chunk_residuals, split_multi
 
 WeightMode = Literal["auto", "fixed"]
@@ -68,10 +68,6 @@ class _Run:
     model: Any
     embeds: torch.Tensor | None
     controls: list[Control] = field(default_factory=list)
-
-
-def _accepts_text(model: Any) -> bool:
-    return "encoder_hidden_states" in inspect.signature(model.forward).parameters
 
 
 def fix_scheduler_config(scheduler: Any) -> Any:
@@ -347,7 +343,7 @@ class InDomainPipeline(DiffusionPipeline):
         """Resolve a term's model, text rows and ControlNets for this call."""
         model = getattr(self, term.model) if isinstance(term.model, str) else term.model
         embeds = None
-        if model is None or _accepts_text(model):
+        if model is None or accepts_text(model):
             if term.prompt_embeds is not None:
                 embeds = self._per_image(term.prompt_embeds.to(device), batch, n)
             elif term.prompt is not None:

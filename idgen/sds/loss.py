@@ -23,15 +23,23 @@ form has no encoder in the backward pass.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from idgen.guidance import GuidanceTerm, auto_weight, is_active, multi_guidance
+from idgen.guidance import (
+    CONTROL,
+    DOMAIN,
+    GuidanceTerm,
+    auto_weight,
+    decoupled_terms,
+    is_active,
+    multi_guidance,
+)
+from idgen.models.text import accepts_text, encode_text
 from idgen.sds.schedule import TimestepSchedule, Weighting, sds_weight
 
 
@@ -45,11 +53,6 @@ def sds_loss(latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"latents {tuple(latents.shape)} and grad {tuple(grad.shape)} differ")
     target = (latents - grad).detach()
     return 0.5 * F.mse_loss(latents.float(), target.float(), reduction="sum") / latents.shape[0]
-
-
-def accepts_text(model: Any) -> bool:
-    """Whether ``model`` is called with ``encoder_hidden_states`` (a text-conditioned UNet)."""
-    return "encoder_hidden_states" in inspect.signature(model.forward).parameters
 
 
 def to_epsilon(
@@ -81,20 +84,63 @@ class SDSOutput:
     weights: dict[str, torch.Tensor] = field(default_factory=dict)  # per-view weight of each term
 
 
-@dataclass
-class _Term:
-    """A guidance term resolved once: what to run, how to weigh it, when it is on."""
+def _weight_arg(w: float | str | None) -> float | None:
+    """A ``w_d`` / ``w_c`` as :func:`decoupled_terms` takes it (a config may spell ``"auto"``)."""
+    return None if w == "auto" else w
 
-    name: str
-    kind: Literal["sd", "model"]
-    weight: float | Literal["auto"]
-    start: float = 0.0
-    end: float = 1.0
-    embeds: torch.Tensor | None = None  # [1, L, D]; None for text-free models
-    model: Any = None
-    controlnet: Any = None
-    control_image: torch.Tensor | None = None
-    control_scale: float = 1.0
+
+def _check_interval(arg: str, interval: Sequence[float]) -> None:
+    """Raise, naming ``arg``, unless ``interval`` is ``(start, end)`` with 0 <= start <= end <= 1."""
+    start, end = (float(v) for v in interval)
+    try:
+        is_active(0, 1, start, end)
+    except ValueError as err:
+        # GuidanceTerm would refuse it too, but without saying which argument is wrong.
+        raise ValueError(f"{arg}: {err}") from None
+
+
+def sds_terms(
+    domain_model: Any,
+    w_d: float | None,
+    w_c: float | None,
+    domain_interval: Sequence[float] = (0.0, 1.0),
+    control_interval: Sequence[float] = (0.0, 1.0),
+    extra_guidance: Sequence[GuidanceTerm] = (),
+) -> list[GuidanceTerm]:
+    """The SDS loss's one list of guidance terms, built as sampling builds it.
+
+    :func:`decoupled_terms` makes the ``domain`` term (its ``model`` set to ``domain_model``,
+    present only when one is given) and the ``control`` term (the frozen SD with the prompt);
+    ``extra_guidance`` follows, unnamed terms named ``extra_<i>`` by position. ``None`` (or
+    ``"auto"``) is the automatic weight; a weight of 0 drops a term.
+    """
+    w_d, w_c = _weight_arg(w_d), _weight_arg(w_c)
+    if domain_model is None:
+        if w_d not in (None, 0):
+            raise ValueError(
+                f"w_d={w_d} but no domain_model was given; pass domain_model=NullTextUNet... or "
+                "set w_d=0"
+            )
+        w_d = 0.0  # no domain model: the automatic domain term is simply absent
+    _check_interval("domain_interval", domain_interval)
+    _check_interval("control_interval", control_interval)
+    terms = [
+        replace(t, model=domain_model) if t.name == DOMAIN else t
+        for t in decoupled_terms(w_d, w_c, domain_interval, control_interval)
+    ]
+    for i, g in enumerate(extra_guidance):
+        name = g.name or f"extra_{i}"
+        if any(t.name == name for t in terms):
+            raise ValueError(f"guidance term name '{name}' is used twice; names must be unique")
+        if g.weight == 0:
+            continue
+        if g.control_image is not None and not isinstance(g.control_image, torch.Tensor):
+            raise ValueError(
+                f"GuidanceTerm '{name}': SDS takes control_image as a [1 or B, 3, H, W] "
+                f"tensor in [0, 1], got {type(g.control_image).__name__}"
+            )
+        terms.append(g if g.name == name else replace(g, name=name))
+    return terms
 
 
 class MultiGuidanceSDS:
@@ -124,6 +170,11 @@ class MultiGuidanceSDS:
         target: ``"latent"``: ``grad`` on the latents, back-propagated through the VAE encoder
             (DreamFusion with a latent model); ``"image"``: ``grad = w(t) (x - D(z0_hat))`` on
             the (resized) renders, no encoder in the backward pass (pixel inputs only).
+
+    Attributes:
+        terms: the ``GuidanceTerm`` list of :func:`sds_terms` (sampling's own term type).
+        embeds: each term's ``[1, L, D]`` text features by name (None: a text-free model).
+        held: the automatic weights once computed (``state_dict`` saves them).
     """
 
     def __init__(
@@ -172,14 +223,16 @@ class MultiGuidanceSDS:
         self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
         to_epsilon(torch.zeros(1), torch.zeros(1), torch.ones(1), self.prediction_type)
         self.uncond_embeds = self.encode_text(negative_prompt)
-        self.terms = self._resolve_terms(
-            prompt, domain_model, w_d, w_c, controlnet, list(extra_guidance)
+        self.terms = sds_terms(
+            domain_model, w_d, w_c, domain_interval, control_interval, extra_guidance
         )
-        for term in self.terms:
-            interval = {"domain": domain_interval, "control": control_interval}.get(term.name)
-            if interval is not None:
-                term.start, term.end = (float(v) for v in interval)
-            is_active(0, 1, term.start, term.end)  # raises on a malformed interval
+        # Resolved once per term: its text features ([1, L, D]; None for a text-free model) and
+        # its ControlNet. The SDS's own ``controlnet`` belongs to the control term, whose
+        # condition (the render's depth...) comes with each call, as in sampling.
+        self.embeds = {t.name: self._term_embeds(t, prompt) for t in self.terms}
+        self.controlnets = {t.name: t.controlnet for t in self.terms if t.controlnet is not None}
+        if controlnet is not None and any(t.name == CONTROL for t in self.terms):
+            self.controlnets[CONTROL] = controlnet
         # Automatic weights once computed (name -> float); saved with checkpoints for resume.
         self.held: dict[str, float] = {}
 
@@ -187,78 +240,18 @@ class MultiGuidanceSDS:
 
     @torch.no_grad()
     def encode_text(self, text: str, text_encoder: Any = None) -> torch.Tensor:
-        """``[1, 77, D]`` CLIP features of ``text``, as diffusers' ``encode_prompt`` makes them."""
-        encoder = text_encoder or self.sd.text_encoder
-        inputs = self.sd.tokenizer(
-            [text],
-            padding="max_length",
-            max_length=self.sd.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        mask = None
-        if getattr(encoder.config, "use_attention_mask", False):
-            mask = inputs.attention_mask.to(encoder.device)
-        return encoder(inputs.input_ids.to(encoder.device), attention_mask=mask)[0]
+        """``[1, 77, D]`` features of ``text`` from the project's one prompt encoder (frozen)."""
+        return encode_text(self.sd.tokenizer, text_encoder or self.sd.text_encoder, [text])
 
-    def _resolve_terms(self, prompt, domain_model, w_d, w_c, controlnet, extra) -> list[_Term]:
-        def spec(w: float | None) -> float | Literal["auto"]:
-            return "auto" if w is None or w == "auto" else float(w)
-
-        terms: list[_Term] = []
-        if domain_model is not None and w_d != 0:
-            terms.append(_Term("domain", "model", spec(w_d), model=domain_model))
-        elif domain_model is None and w_d not in (None, 0):
-            raise ValueError(
-                f"w_d={w_d} but no domain_model was given; pass domain_model=NullTextUNet... or "
-                "set w_d=0"
-            )
-        if w_c != 0:
-            terms.append(
-                _Term(
-                    "control",
-                    "sd",
-                    spec(w_c),
-                    embeds=self.encode_text(prompt),
-                    controlnet=controlnet,
-                )
-            )
-        for i, g in enumerate(extra):
-            name = g.name or f"extra_{i}"
-            if any(t.name == name for t in terms):
-                raise ValueError(f"guidance term name '{name}' is used twice; names must be unique")
-            if g.weight == 0:
-                continue
-            text_free = g.model is not None and not accepts_text(g.model)
-            embeds = None
-            if not text_free:
-                if g.prompt_embeds is not None:
-                    embeds = g.prompt_embeds[:1].to(self.device)
-                else:
-                    embeds = self.encode_text(
-                        g.prompt if g.prompt is not None else prompt, g.text_encoder
-                    )
-            control_image = g.control_image
-            if control_image is not None and not isinstance(control_image, torch.Tensor):
-                raise ValueError(
-                    f"GuidanceTerm '{name}': SDS takes control_image as a [1 or B, 3, H, W] "
-                    f"tensor in [0, 1], got {type(control_image).__name__}"
-                )
-            terms.append(
-                _Term(
-                    name,
-                    "sd" if g.model is None else "model",
-                    g.weight,
-                    g.start,
-                    g.end,
-                    embeds,
-                    g.model,
-                    g.controlnet,
-                    control_image,
-                    g.controlnet_conditioning_scale,
-                )
-            )
-        return terms
+    def _term_embeds(self, term: GuidanceTerm, prompt: str) -> torch.Tensor | None:
+        """A term's ``[1, L, D]`` text features: its ``prompt_embeds``, else its ``prompt`` (or the
+        SDS prompt) through its own or SD's text encoder; None for a text-free model."""
+        if term.model is not None and not accepts_text(term.model):
+            return None
+        if term.prompt_embeds is not None:
+            return term.prompt_embeds[:1].to(self.device)
+        text = term.prompt if term.prompt is not None else prompt
+        return self.encode_text(text, term.text_encoder)
 
     # ------------------------------------------------------------------------------ state
 
@@ -293,9 +286,12 @@ class MultiGuidanceSDS:
         x = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         return (x.float() / 2 + 0.5).clamp(0, 1)
 
-    def _control(self, term: _Term, control_images: Mapping[str, torch.Tensor], batch: int):
+    def _control(
+        self, term: GuidanceTerm, control_images: Mapping[str, torch.Tensor], batch: int
+    ) -> torch.Tensor | None:
+        """The term's ControlNet condition for ``batch`` views (None: the term has no ControlNet)."""
         image = control_images.get(term.name, term.control_image)
-        if term.controlnet is None:
+        if term.name not in self.controlnets:
             if term.name in control_images:
                 raise ValueError(
                     f"control_images['{term.name}'] given but that term has no controlnet"
@@ -346,24 +342,25 @@ class MultiGuidanceSDS:
             raise ValueError(f"control_images for unknown terms {sorted(unknown)}")
         b = z_t.shape[0]
         alpha_bar = self.alphas_cumprod[t]
-        batched = [None] + [
-            x for x in self.terms if x.kind == "sd" and x.controlnet is None
-        ]  # None: uncond
-        embeds = torch.cat(
-            [(self.uncond_embeds if x is None else x.embeds).expand(b, -1, -1) for x in batched]
-        )
-        k = len(batched)
+        # The uncond row first, then every frozen-SD term without a ControlNet.
+        batched = [x.name for x in self.terms if x.model is None and x.name not in self.controlnets]
+        rows = [self.uncond_embeds] + [self.embeds[name] for name in batched]
+        embeds = torch.cat([e.expand(b, -1, -1) for e in rows])
+        k = len(rows)
         out = self._run(self.unet, torch.cat([z_t] * k), torch.cat([t] * k), embeds)
         chunks = [to_epsilon(e, z_t, alpha_bar, self.prediction_type) for e in out.chunk(k)]
         eps_0 = chunks[0]
-        preds = {x.name: e for x, e in zip(batched[1:], chunks[1:], strict=True)}
+        preds = dict(zip(batched, chunks[1:], strict=True))
         for x in self.terms:
             if x.name in preds:
                 continue
-            model = self.unet if x.kind == "sd" else x.model
+            model = self.unet if x.model is None else x.model
             control = self._control(x, control_images, b)
-            embeds = None if x.embeds is None else x.embeds.expand(b, -1, -1)
-            eps = self._run(model, z_t, t, embeds, x.controlnet, control, x.control_scale)
+            embeds = self.embeds[x.name]
+            embeds = None if embeds is None else embeds.expand(b, -1, -1)
+            controlnet = self.controlnets.get(x.name)
+            scale = x.controlnet_conditioning_scale
+            eps = self._run(model, z_t, t, embeds, controlnet, control, scale)
             preds[x.name] = to_epsilon(eps, z_t, alpha_bar, self.prediction_type)
         return eps_0, preds
 
