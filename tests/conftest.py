@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 # Offline before anything imports huggingface_hub or wandb.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -79,13 +80,15 @@ for i, p in enumerate(ref):
 
 @pytest.fixture
 def stand_in_sweep(tmp_path):
-    """What the idgen-eval sweep tests share: ``make(num_images) -> (ref, env)`` writes a folder
-    of demo reference images and ``stand_in_sampler.py`` (run with ``sample.module=
-    stand_in_sampler``) under ``tmp_path``, and returns the offline environment that finds it."""
+    """What the idgen-eval sweep tests share: ``run(search, sweep_dir, *overrides, num_images=)``
+    writes a folder of demo reference images and ``stand_in_sampler.py`` under ``tmp_path``,
+    runs ``idgen-eval hparams_search=<search>`` offline with the stand-in sampler (fast, no
+    model) into ``sweep_dir``, asserts it succeeded and returns the reference folder."""
+    import subprocess
 
-    def make(num_images: int) -> tuple[Path, dict[str, str]]:
-        from idgen.data.demo import make_demo_domain
+    from idgen.data.demo import make_demo_domain
 
+    def run(search: str, sweep_dir: Path, *overrides: str, num_images: int = 6) -> Path:
         ref = make_demo_domain(tmp_path / "ref", num_images=num_images, resolution=64, seed=0)
         (tmp_path / "stand_in_sampler.py").write_text(STAND_IN_SAMPLER)
         env = dict(
@@ -95,6 +98,14 @@ def stand_in_sweep(tmp_path):
             IDGEN_ROOT=str(tmp_path),
             PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
         )
-        return ref, env
+        cmd = [
+            sys.executable, "-m", "idgen.evaluate", f"hparams_search={search}",
+            f"hydra.sweep.dir={sweep_dir}", f"reference_dir={ref}", "device=cpu",
+            "sample.module=stand_in_sampler", "sample.in_process=false",
+            f"sample.overrides=['ref={ref}']", *overrides,
+        ]  # fmt: skip
+        out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return ref
 
-    return make
+    return run

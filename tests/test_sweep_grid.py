@@ -8,21 +8,11 @@ so FID over the grid has a known best point: the smallest weights.
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 
 
 def test_guidance_grid_multirun_writes_summary(tmp_path, stand_in_sweep):
-    ref, env = stand_in_sweep(8)
     sweep = tmp_path / "sweep"
-    cmd = [
-        sys.executable, "-m", "idgen.evaluate", "hparams_search=guidance_grid",
-        f"hydra.sweep.dir={sweep}", f"reference_dir={ref}", "device=cpu", "~logger",
-        "sample.module=stand_in_sampler", "sample.in_process=false", f"sample.overrides=['ref={ref}']",
-        "sample.w_d=0,2", "sample.w_c=1,3",
-    ]  # fmt: skip
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    stand_in_sweep("guidance_grid", sweep, "~logger", "sample.w_d=0,2", "sample.w_c=1,3", num_images=8)
 
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert len(jobs) == 4 and all((j / "metrics.json").is_file() for j in jobs)

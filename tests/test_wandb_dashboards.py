@@ -12,8 +12,6 @@ import csv
 import functools
 import json
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -69,7 +67,8 @@ def wandb_records(path: Path):
 
 
 def read_run(run_dir: Path, wait_s: float = 20.0) -> dict:
-    """{"group", "name", "history": [ {key: value} per log call ]} of one offline run.
+    """{"id", "group", "name", "config": {key: value}, "history": [{key: value} per log call]}
+    of one offline run.
 
     wandb's service process writes the file; its last records (up to "exit") may land a moment
     after ``finish()`` returns, so wait for them.
@@ -81,11 +80,17 @@ def read_run(run_dir: Path, wait_s: float = 20.0) -> dict:
         assert time.monotonic() < deadline, f"{path}: the run never finished"
         time.sleep(0.2)
         records = list(wandb_records(path))
-    out: dict = {"group": None, "name": None, "history": []}
+    out: dict = {"id": None, "group": None, "name": None, "config": {}, "history": []}
     for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "run":
-            out["group"], out["name"] = record.run.run_group, record.run.display_name
+            out.update(id=record.run.run_id, group=record.run.run_group)
+            out["name"] = record.run.display_name
+            for item in record.run.config.update:
+                out["config"][item.key] = json.loads(item.value_json)
+        elif kind == "config":
+            for item in record.config.update:
+                out["config"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
         elif kind == "history":
             row = {
                 "/".join(item.nested_key) or item.key: json.loads(item.value_json)
@@ -224,16 +229,11 @@ def test_sampling_logs_captioned_grids_and_guidance_trace(tmp_path):
 
 def test_eval_sweep_runs_grouped_and_heatmaps_logged(tmp_path, stand_in_sweep):
     """A 2-job grid with the wandb logger: each job's metrics in a run of the sweep's group."""
-    ref, env = stand_in_sweep(6)
     sweep = tmp_path / "sweep_a"
-    cmd = [
-        sys.executable, "-m", "idgen.evaluate", "hparams_search=guidance_grid",
-        f"hydra.sweep.dir={sweep}", f"reference_dir={ref}", "device=cpu", "logger=wandb",
-        "metrics.fid.kid=false", "sample.module=stand_in_sampler", "sample.in_process=false",
-        f"sample.overrides=['ref={ref}']", "sample.w_d=0,2", "sample.w_c=1",
-    ]  # fmt: skip
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    stand_in_sweep(
+        "guidance_grid", sweep, "logger=wandb", "metrics.fid.kid=false", "sample.w_d=0,2",
+        "sample.w_c=1",
+    )  # fmt: skip
 
     runs = offline_runs(sweep)
     jobs = [r for r in runs if r["name"] != "sweep-summary"]
