@@ -40,6 +40,28 @@ def compose_config(
     return cfg
 
 
+def job_config(config_name: str, tmp_path: Path, overrides: list[str] | None = None) -> DictConfig:
+    """:func:`compose_config` as ``@hydra.main`` hands it to the task: without the hydra node."""
+    cfg = compose_config(config_name, tmp_path, overrides)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def tiny_controlnet(unet, seed: int = 1):
+    """A ControlNet of ``unet`` (diffusers' ``from_unet``) whose output convolutions are random:
+    ``from_unet`` zero-initialises them, and a ControlNet that adds nothing tests nothing."""
+    import torch
+    from diffusers import ControlNetModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+        for module in [*cn.controlnet_down_blocks, cn.controlnet_mid_block]:
+            torch.nn.init.normal_(module.weight, std=0.1)
+    return cn
+
+
 @pytest.fixture
 def tiny_sd():
     from idgen.models import build_tiny_sd
@@ -86,7 +108,7 @@ def stand_in_sweep(tmp_path):
     model) into ``sweep_dir``, asserts it succeeded and returns the reference folder."""
     import subprocess
 
-    from idgen.data.demo import make_demo_domain
+    from idgen.toyworld.demo import make_demo_domain
 
     def run(search: str, sweep_dir: Path, *overrides: str, num_images: int = 6) -> Path:
         ref = make_demo_domain(tmp_path / "ref", num_images=num_images, resolution=64, seed=0)
@@ -104,7 +126,9 @@ def stand_in_sweep(tmp_path):
             "sample.module=stand_in_sampler", "sample.in_process=false",
             f"sample.overrides=['ref={ref}']", *overrides,
         ]  # fmt: skip
-        out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        out = subprocess.run(
+            cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         return ref
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    ControlNetModel,
     DPMSolverMultistepScheduler,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
@@ -18,6 +17,7 @@ from idgen.guidance import auto_weight
 from idgen.models import build_tiny_sd
 from idgen.models.null_text_unet import NullTextUNet
 from idgen.pipelines import GuidanceTerm, InDomainPipeline
+from tests.conftest import tiny_controlnet
 
 STEPS = 4
 PROMPT = "a photo of a red circle"
@@ -46,13 +46,7 @@ def domain(sd):
 
 @pytest.fixture(scope="module")
 def controlnet(sd):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        cn = ControlNetModel.from_unet(sd.unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
-        # from_unet zero-initialises the output convs: randomise them so the ControlNet matters.
-        for module in [*cn.controlnet_down_blocks, cn.controlnet_mid_block]:
-            torch.nn.init.normal_(module.weight, std=0.1)
-    return cn
+    return tiny_controlnet(sd.unet, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -316,13 +310,7 @@ def test_save_pretrained_round_trip(sd, domain, tmp_path):
 
 
 def test_multi_controlnet_on_uncond_equals_diffusers(sd, controlnet, control_image):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(2)
-        second = ControlNetModel.from_unet(
-            sd.unet, conditioning_embedding_out_channels=(8, 8, 16, 16)
-        )
-        for module in [*second.controlnet_down_blocks, second.controlnet_mid_block]:
-            torch.nn.init.normal_(module.weight, std=0.1)
+    second = tiny_controlnet(sd.unet, seed=2)
     nets, images, scales = (
         [controlnet, second],
         [control_image, control_image.rotate(90)],

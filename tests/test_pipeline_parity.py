@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    ControlNetModel,
     DDIMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
@@ -22,6 +21,7 @@ from PIL import Image
 
 from idgen.models import NullTextUNet, build_tiny_sd
 from idgen.pipelines import InDomainPipeline, fix_scheduler_config
+from tests.conftest import tiny_controlnet
 
 STEPS = 4
 PROMPT = "a photo of a red circle"
@@ -48,12 +48,7 @@ def sd():
 
 @pytest.fixture(scope="module")
 def controlnet(sd):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        cn = ControlNetModel.from_unet(sd.unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
-        for module in [*cn.controlnet_down_blocks, cn.controlnet_mid_block]:
-            torch.nn.init.normal_(module.weight, std=0.1)  # from_unet zero-initialises them
-    return cn
+    return tiny_controlnet(sd.unet, seed=1)
 
 
 def _image(seed: int) -> Image.Image:

@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import open_dict
 
 from idgen.models import NullTextUNet
 from idgen.modules.sd_parts import load_text_features, read_text_features_metadata
 from idgen.train import train
-from tests.conftest import compose_config as _compose
-
-
-def compose_config(name, tmp_path, overrides):
-    """The composed job config as @hydra.main hands it over (no `hydra` node)."""
-    cfg = _compose(name, tmp_path, overrides)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
-
+from tests.conftest import job_config
 
 FAST = [
     "experiment=demo",
@@ -35,7 +25,7 @@ FAST = [
 
 
 def test_stage_all_runs_inversion_then_finetune_and_exports(tmp_path):
-    cfg = compose_config("train", tmp_path, FAST)
+    cfg = job_config("train", tmp_path, FAST)
     metrics = train(cfg)
     run = tmp_path / "run"
     features = run / "inversion" / "text_features.safetensors"
@@ -58,7 +48,7 @@ def test_stage_finetune_takes_features_and_resumes_from_last(tmp_path):
 
     save_text_features(features, torch.randn(1, 77, 32), {"prompt": "given"})
     overrides = [*FAST, "stage=finetune", f"text_features={features}"]
-    train(compose_config("train", tmp_path, overrides))
+    train(job_config("train", tmp_path, overrides))
     run = tmp_path / "run"
     assert not (run / "inversion").exists()
     first = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
@@ -68,7 +58,7 @@ def test_stage_finetune_takes_features_and_resumes_from_last(tmp_path):
     )
 
     # same run dir, more steps, ckpt_path=last: continues from step 2
-    train(compose_config("train", tmp_path, [*overrides, "trainer.max_steps=4", "ckpt_path=last"]))
+    train(job_config("train", tmp_path, [*overrides, "trainer.max_steps=4", "ckpt_path=last"]))
     second = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert second["global_step"] == 4 and second["ema"]["num_updates"] == 4
 
@@ -77,4 +67,4 @@ def test_unknown_stage_is_refused(tmp_path):
     import pytest
 
     with pytest.raises(ValueError, match="stage='both'"):
-        train(compose_config("train", tmp_path, [*FAST, "stage=both"]))
+        train(job_config("train", tmp_path, [*FAST, "stage=both"]))

@@ -15,7 +15,8 @@ import torch
 
 from idgen.modules.sd_parts import save_text_features
 from idgen.train import train
-from tests.test_train_stages import FAST, compose_config
+from tests.conftest import job_config
+from tests.test_train_stages import FAST
 from tests.test_wandb_dashboards import read_run
 
 
@@ -34,7 +35,7 @@ def test_training_stages_grouped_named_full_config_and_grids(tmp_path):
         "preview.num_inference_steps=2",
         "preview.prompts=[a photo of a red circle]",
     ]
-    cfg = compose_config("train", tmp_path, overrides)
+    cfg = job_config("train", tmp_path, overrides)
     train(cfg)
     run_dir = tmp_path / "run"
     runs = [read_run(d) for d in sorted(run_dir.rglob("offline-run-*")) if d.is_dir()]
@@ -61,8 +62,8 @@ def test_resumed_stage_continues_the_same_wandb_run(tmp_path):
     features = tmp_path / "tf.safetensors"
     save_text_features(features, torch.randn(1, 77, 32), {"prompt": "given"})
     overrides = [*FAST, "stage=finetune", f"text_features={features}", "logger=wandb"]
-    train(compose_config("train", tmp_path, overrides))
-    train(compose_config("train", tmp_path, [*overrides, "trainer.max_steps=4", "ckpt_path=last"]))
+    train(job_config("train", tmp_path, overrides))
+    train(job_config("train", tmp_path, [*overrides, "trainer.max_steps=4", "ckpt_path=last"]))
     run_dir = tmp_path / "run"
     runs = [read_run(d) for d in sorted(run_dir.rglob("offline-run-*")) if d.is_dir()]
     assert len(runs) == 2
