@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from idgen.scene import (
 from idgen.scene.report import to_frames, write_gif, write_loss_curve
 from idgen.sds import MultiGuidanceSDS
 from idgen.utils.dtypes import parse_optional_dtype
+from idgen.utils.images import make_grid
 from idgen.utils.io import atomic_torch_save, atomic_write_text, save_image_atomic
 from idgen.utils.task import console_main, task_wrapper
 
@@ -136,21 +138,33 @@ def evaluate_views(nerf: VoxelNeRF, cameras: CameraSampler, cfg: DictConfig) -> 
     return metrics, rgb
 
 
-def _grid_image(rgb: torch.Tensor, scale: int = 2) -> Image.Image:
-    frames = to_frames(rgb, scale)
-    return Image.fromarray(np.concatenate(list(frames), axis=1))
+@dataclass
+class Run:
+    """What the optimisation works on: the scene, its cameras, the loss, the optimiser and the
+    run's own random generator (cameras, ray jitter and SDS noise draw from it, in that order)."""
+
+    nerf: VoxelNeRF
+    cameras: CameraSampler
+    sds: MultiGuidanceSDS
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
 
 
-def text_to_3d(cfg: DictConfig) -> dict[str, Any]:
-    """Optimise (or resume) the scene, then write turntable, mesh, loss curve and metrics."""
-    out = Path(cfg.paths.output_dir)
-    ckpt_path = out / "checkpoints" / "last.pt"
-    if cfg.steps < 0 or cfg.batch_size < 1:
-        raise ValueError(f"need steps >= 0 and batch_size >= 1, got {cfg.steps}, {cfg.batch_size}")
+@dataclass
+class RunState:
+    """Where the run stands, as the checkpoint keeps it (besides the modules' states)."""
+
+    identity: str
+    start: int = 0
+    history: dict[str, list[float]] = field(default_factory=lambda: {"sds": [], "total": []})
+    seconds: float = 0.0
+    init_info: dict = field(default_factory=dict)
+
+
+def build_run(cfg: DictConfig) -> Run:
+    """Seed, then load the models and build the scene, cameras, SDS loss and optimiser."""
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-
-    # 1. Models, scene, loss
     sd, domain = load_models(cfg)
     nerf: VoxelNeRF = instantiate(cfg.scene.nerf).to(cfg.device)
     cameras: CameraSampler = instantiate(cfg.scene.cameras)
@@ -160,122 +174,162 @@ def text_to_3d(cfg: DictConfig) -> dict[str, Any]:
     optimizer = instantiate(cfg.scene.optimizer)(
         params=[p for p in nerf.parameters() if p.requires_grad]
     )
+    return Run(nerf, cameras, sds, optimizer, generator)
 
-    # 2. Resume, or initialise
+
+def resume_or_initialise(run: Run, cfg: DictConfig, ckpt_path: Path) -> RunState:
+    """Load ``ckpt_path`` into ``run`` if it exists (and ``cfg.resume``), else initialise the
+    scene from ``cfg.init``; a checkpoint of another run identity is refused."""
     identity = run_identity(cfg)
-    history: dict[str, list[float]] = {"sds": [], "total": []}
-    start, seconds, init_info = 0, 0.0, {}
-    if ckpt_path.is_file() and cfg.resume:
-        state = torch.load(ckpt_path, map_location=cfg.device, weights_only=False)
-        if state["identity"] != identity:
-            raise ValueError(
-                f"{ckpt_path} was made with another prompt/model/scene/sds/init config; use another "
-                "hydra.run.dir, delete the checkpoint, or set resume=false to start over"
-            )
-        nerf.load_state_dict(state["nerf"])
-        optimizer.load_state_dict(state["optimizer"])
-        sds.load_state_dict(state["sds"])
-        generator.set_state(state["generator"])
-        start, history, seconds = state["step"], state["history"], state["seconds"]
-        init_info = state.get("init", {})
-        log.info("idgen-3d: resumed %s at step %d", ckpt_path, start)
-    else:
-        init_info = initialise(nerf, cfg.init)
-
-    def save(step: int) -> None:
-        atomic_torch_save(
-            {
-                "identity": identity,
-                "step": step,
-                "nerf": nerf.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "sds": sds.state_dict(),
-                "generator": generator.get_state(),
-                "history": history,
-                "seconds": seconds,
-                "init": init_info,
-            },
-            ckpt_path,
+    if not (ckpt_path.is_file() and cfg.resume):
+        return RunState(identity, init_info=initialise(run.nerf, cfg.init))
+    state = torch.load(ckpt_path, map_location=cfg.device, weights_only=False)
+    if state["identity"] != identity:
+        raise ValueError(
+            f"{ckpt_path} was made with another prompt/model/scene/sds/init config; use another "
+            "hydra.run.dir, delete the checkpoint, or set resume=false to start over"
         )
+    run.nerf.load_state_dict(state["nerf"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.sds.load_state_dict(state["sds"])
+    run.generator.set_state(state["generator"])
+    log.info("idgen-3d: resumed %s at step %d", ckpt_path, state["step"])
+    return RunState(
+        identity, state["step"], state["history"], state["seconds"], state.get("init", {})
+    )
 
-    # 3. Optimise: random views -> renders -> SDS (+ smoothness and sparsity) -> Adam
-    res = cfg.scene.render_resolution
+
+def save_checkpoint(run: Run, state: RunState, step: int, ckpt_path: Path) -> None:
+    """Write the run at ``step`` (modules, generator, history, time) atomically to ``ckpt_path``."""
+    atomic_torch_save(
+        {
+            "identity": state.identity,
+            "step": step,
+            "nerf": run.nerf.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "sds": run.sds.state_dict(),
+            "generator": run.generator.get_state(),
+            "history": state.history,
+            "seconds": state.seconds,
+            "init": state.init_info,
+        },
+        ckpt_path,
+    )
+
+
+def optimisation_step(run: Run, cfg: DictConfig, step: int) -> tuple[float, float]:
+    """One step: random views -> renders -> SDS (+ smoothness and sparsity) -> Adam.
+
+    Returns the SDS and the total loss."""
+    views = run.cameras.sample(cfg.batch_size, run.generator)
+    render = run.nerf.render(
+        views, cfg.scene.render_resolution, perturb=True, generator=run.generator
+    )
+    out_sds = run.sds(render.rgb, step=step, total_steps=cfg.steps, generator=run.generator)
+    loss = (
+        out_sds.loss
+        + cfg.scene.tv_weight * run.nerf.total_variation()
+        + cfg.scene.sparsity_weight * render.opacity.mean()
+    )
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"step {step}: non-finite loss {loss.item()}; lower scene.optimizer.lr or set "
+            "sds.grad_clip (the last good checkpoint is kept)"
+        )
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    return out_sds.loss.item(), loss.item()
+
+
+def optimise(run: Run, state: RunState, cfg: DictConfig, ckpt_path: Path) -> None:
+    """Steps ``state.start`` to ``cfg.steps`` with a progress bar, extending ``state.history``
+    and ``state.seconds``; checkpoints every ``cfg.checkpoint_every`` steps and at the end."""
     t0 = time.perf_counter()
     bar = tqdm(
-        range(start, cfg.steps),
-        initial=start,
+        range(state.start, cfg.steps),
+        initial=state.start,
         total=cfg.steps,
         disable=not cfg.progress_bar,
         desc="idgen-3d",
         dynamic_ncols=True,
     )
     for step in bar:
-        views = cameras.sample(cfg.batch_size, generator)
-        render = nerf.render(views, res, perturb=True, generator=generator)
-        out_sds = sds(render.rgb, step=step, total_steps=cfg.steps, generator=generator)
-        loss = (
-            out_sds.loss
-            + cfg.scene.tv_weight * nerf.total_variation()
-            + cfg.scene.sparsity_weight * render.opacity.mean()
-        )
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"step {step}: non-finite loss {loss.item()}; lower scene.optimizer.lr or set "
-                "sds.grad_clip (the last good checkpoint is kept)"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        history["sds"].append(out_sds.loss.item())
-        history["total"].append(loss.item())
-        bar.set_postfix(loss=f"{history['total'][-1]:.4g}", refresh=False)
+        sds_loss, total_loss = optimisation_step(run, cfg, step)
+        state.history["sds"].append(sds_loss)
+        state.history["total"].append(total_loss)
+        bar.set_postfix(loss=f"{total_loss:.4g}", refresh=False)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            seconds_now = seconds + time.perf_counter() - t0
-            seconds, t0 = seconds_now, time.perf_counter()
-            save(step + 1)
+            seconds_now = state.seconds + time.perf_counter() - t0
+            state.seconds, t0 = seconds_now, time.perf_counter()
+            save_checkpoint(run, state, step + 1, ckpt_path)
     bar.close()
-    seconds += time.perf_counter() - t0
-    if cfg.steps > start:
-        save(cfg.steps)
+    state.seconds += time.perf_counter() - t0
+    if cfg.steps > state.start:
+        save_checkpoint(run, state, cfg.steps, ckpt_path)
 
-    # 4. Outputs: evaluation views + metrics, turntable, mesh, loss curve
-    nerf.eval()
-    metrics, eval_rgb = evaluate_views(nerf, cameras, cfg)
-    save_image_atomic(_grid_image(eval_rgb), out / "views.png")
+
+def write_renders(run: Run, cfg: DictConfig, out: Path) -> dict[str, Any]:
+    """``views.png`` (the evaluation views) and ``turntable.gif``; returns the view metrics."""
+    metrics, eval_rgb = evaluate_views(run.nerf, run.cameras, cfg)
+    views = [Image.fromarray(frame) for frame in to_frames(eval_rgb, 2)]
+    save_image_atomic(make_grid(views, ncols=len(views), pad=0), out / "views.png")
     with torch.no_grad():
-        turn = nerf.render(cameras.turntable(cfg.turntable.num_views), cfg.turntable.resolution).rgb
+        turn = run.nerf.render(
+            run.cameras.turntable(cfg.turntable.num_views), cfg.turntable.resolution
+        ).rgb
     write_gif(to_frames(turn, cfg.turntable.scale), out / "turntable.gif", fps=cfg.turntable.fps)
-    mesh_info: dict[str, Any]
+    return metrics
+
+
+def write_mesh(nerf: VoxelNeRF, mesh_cfg: DictConfig, out: Path) -> dict[str, Any]:
+    """``mesh.<fmt>`` for each of ``mesh_cfg.formats``; returns the mesh report (or the error)."""
     try:
-        mesh = extract_mesh(nerf, threshold=cfg.mesh.threshold, resolution=cfg.mesh.resolution)
-        for fmt in cfg.mesh.formats:
+        mesh = extract_mesh(nerf, threshold=mesh_cfg.threshold, resolution=mesh_cfg.resolution)
+        for fmt in mesh_cfg.formats:
             export_mesh(mesh, out / f"mesh.{fmt}")
-        mesh_info = {**mesh_report(mesh), "files": [f"mesh.{f}" for f in cfg.mesh.formats]}
+        return {**mesh_report(mesh), "files": [f"mesh.{f}" for f in mesh_cfg.formats]}
     except ValueError as err:  # an empty field: report it, the other outputs are still useful
         log.warning("idgen-3d: no mesh exported: %s", err)
-        mesh_info = {"error": str(err)}
-    if history["total"]:
-        write_loss_curve(history, out / "loss.png")
-    last = history["sds"][-max(1, len(history["sds"]) // 10) :] if history["sds"] else []
-    summary = {
+        return {"error": str(err)}
+
+
+def summarise(
+    run: Run, state: RunState, cfg: DictConfig, metrics: dict[str, Any], mesh_info: dict[str, Any]
+) -> dict[str, Any]:
+    """What ``metrics.json`` holds: run length and time, final loss, weights, init, mesh, views."""
+    sds_history = state.history["sds"]
+    last = sds_history[-max(1, len(sds_history) // 10) :] if sds_history else []
+    return {
         "prompt": cfg.prompt,
         "steps": int(cfg.steps),
-        "resumed_from": int(start),
-        "seconds": round(seconds, 2),
-        "seconds_per_step": round(seconds / max(cfg.steps - start, 1), 4)
-        if cfg.steps > start
+        "resumed_from": int(state.start),
+        "seconds": round(state.seconds, 2),
+        "seconds_per_step": round(state.seconds / max(cfg.steps - state.start, 1), 4)
+        if cfg.steps > state.start
         else None,
         "final_sds_loss": float(np.mean(last)) if last else None,
         "guidance_weights": {
-            t.name: (sds.held.get(t.name) if t.weight == "auto" else float(t.weight))
-            for t in sds.terms
+            t.name: (run.sds.held.get(t.name) if t.weight == "auto" else float(t.weight))
+            for t in run.sds.terms
         },
-        "background": nerf.background_rgb().tolist(),
-        "init": init_info,
+        "background": run.nerf.background_rgb().tolist(),
+        "init": state.init_info,
         "mesh": mesh_info,
         **metrics,
         "files": ["turntable.gif", "views.png", "loss.png", "metrics.json", "checkpoints/last.pt"],
     }
+
+
+def write_outputs(run: Run, state: RunState, cfg: DictConfig, out: Path) -> dict[str, Any]:
+    """Evaluation views + metrics, turntable, mesh, loss curve, ``metrics.json`` and the config;
+    returns the summary (as in ``metrics.json``)."""
+    run.nerf.eval()
+    metrics = write_renders(run, cfg, out)
+    mesh_info = write_mesh(run.nerf, cfg.mesh, out)
+    if state.history["total"]:
+        write_loss_curve(state.history, out / "loss.png")
+    summary = summarise(run, state, cfg, metrics, mesh_info)
     if not all(math.isfinite(v) for v in summary["background"]):
         raise FloatingPointError("the background colour is not finite; nothing written")
     atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
@@ -283,6 +337,23 @@ def text_to_3d(cfg: DictConfig) -> dict[str, Any]:
     atomic_write_text(out / "3d_config.yaml", OmegaConf.to_yaml(plain, resolve=True))
     log.info("idgen-3d: %s", json.dumps({k: summary[k] for k in ("steps", "seconds")}))
     return summary
+
+
+def text_to_3d(cfg: DictConfig) -> dict[str, Any]:
+    """Optimise (or resume) the scene, then write turntable, mesh, loss curve and metrics."""
+    out = Path(cfg.paths.output_dir)
+    ckpt_path = out / "checkpoints" / "last.pt"
+    if cfg.steps < 0 or cfg.batch_size < 1:
+        raise ValueError(f"need steps >= 0 and batch_size >= 1, got {cfg.steps}, {cfg.batch_size}")
+
+    # 1. Models, scene, loss
+    run = build_run(cfg)
+    # 2. Resume, or initialise
+    state = resume_or_initialise(run, cfg, ckpt_path)
+    # 3. Optimise: random views -> renders -> SDS (+ smoothness and sparsity) -> Adam
+    optimise(run, state, cfg, ckpt_path)
+    # 4. Outputs: evaluation views + metrics, turntable, mesh, loss curve
+    return write_outputs(run, state, cfg, out)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="3d.yaml")
