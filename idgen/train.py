@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from idgen import CONFIG_DIR
+from idgen.callbacks.ema import EMAWeights
 from idgen.callbacks.log_media import finish_loggers, instantiate_loggers
 from idgen.data.transforms import to_pil
 from idgen.modules.checkpoint_io import (
@@ -244,14 +245,18 @@ def _loggers(
     return loggers
 
 
-def _callbacks(cfg: DictConfig, checkpointing: bool) -> list[L.Callback]:
+def _callbacks(cfg: DictConfig, stage2: bool) -> list[L.Callback]:
+    """``cfg.callbacks``; stage 1 gets neither the checkpoints nor the EMA (``callbacks.ema``):
+    it trains text features, not the weights that EMAWeights averages."""
     callbacks = []
     for key, node in (cfg.get("callbacks") or {}).items():
         if not isinstance(node, DictConfig) or "_target_" not in node:
             continue
-        if not checkpointing and key == "model_checkpoint":
+        if not stage2 and key == "model_checkpoint":
             continue
-        callbacks.append(instantiate(node))
+        callback = instantiate(node)
+        if stage2 or not isinstance(callback, EMAWeights):
+            callbacks.append(callback)
     return callbacks
 
 
@@ -282,7 +287,7 @@ def run_inversion(cfg: DictConfig, sd_loader, output_dir: Path) -> tuple[Path, d
         default_root_dir=str(stage_dir),
         max_steps=cfg.inversion_steps,
         max_epochs=-1,
-        callbacks=_callbacks(cfg, checkpointing=False),
+        callbacks=_callbacks(cfg, stage2=False),
         logger=loggers or False,
         enable_checkpointing=False,
         **_plugins(cfg),
@@ -316,7 +321,7 @@ def run_finetune(
     loggers = _loggers(cfg, resume_step=resume_step, resume_ckpt=ckpt_path)
     trainer = instantiate(
         cfg.trainer,
-        callbacks=_callbacks(cfg, checkpointing=True),
+        callbacks=_callbacks(cfg, stage2=True),
         logger=loggers or False,
         **_plugins(cfg),
     )

@@ -85,6 +85,7 @@ TRAIN_CASES = [
     (["module.optimizer.lr=nan"], "module.optimizer.lr=nan: must be finite"),
     (["nonfinite_loss=ignore"], "nonfinite_loss='ignore': is not one of stop, skip"),
     (["callbacks.model_checkpoint.save_top_k=-2"], "save_top_k=-2: must be >= -1"),
+    (["callbacks.ema.decay=1"], "callbacks.ema.decay=1.0: must be < 1.0"),
     (["data=folder"], "data.root=<unset>: is required"),
     (["data=folder", "data.root={tmp}/a_file.txt"], "is a file, not a folder"),
     (["data=folder", "data.root={tmp}/nope"], "does not exist"),

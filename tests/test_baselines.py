@@ -23,9 +23,9 @@ from idgen.baselines import (
 )
 from idgen.baselines.param_count import SD15_UNET_CONFIG, sd15_counts
 from idgen.baselines.sampling import sample_baseline, with_scheduler
-from idgen.data import DemoDomainDataModule
 from idgen.models import build_tiny_sd
 from idgen.modules.baselines import BaselineModule, template_prompt
+from idgen.toyworld.demo import DemoDomainDataModule
 from tests.conftest import compose_config
 
 METHODS = {

@@ -6,14 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from idgen.data import (
-    DemoDomainDataModule,
-    DomainImageDataModule,
-    SkippedImagesWarning,
-    load_rgb,
-    make_demo_domain,
-)
+from idgen.data import DomainImageDataModule, SkippedImagesWarning, load_rgb
 from idgen.data import datamodule as dm_module
+from idgen.toyworld.demo import DemoDomainDataModule, make_demo_domain
 
 
 def _rgb(w=48, h=40, colour=(200, 30, 30)):

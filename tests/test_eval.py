@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from idgen.data.demo import make_demo_domain
 from idgen.evaluate import evaluate, main
 from idgen.metrics import TinyFeatureExtractor, fid_kid, list_images
+from idgen.toyworld.demo import make_demo_domain
 from idgen.utils.io import save_image_atomic
 from tests.conftest import compose_config
 from tests.test_metrics_clip import tiny_clip_dir  # noqa: F401  (fixture)

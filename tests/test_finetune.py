@@ -10,14 +10,18 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from idgen.data import DemoDomainDataModule
+from idgen.callbacks.ema import EMAWeights
 from idgen.models import NullTextUNet, build_tiny_sd
 from idgen.modules import NullTextFinetuneModule, export_from_checkpoint
 from idgen.modules.diffusion_loss import denoising_loss
+from idgen.modules.ema import EMA
 from idgen.modules.sd_parts import encode_images, save_text_features
+from idgen.toyworld.demo import DemoDomainDataModule
 
 
-def _trainer(tmp_path, max_steps: int, callbacks=(), **kw) -> L.Trainer:
+def _trainer(tmp_path, max_steps: int, callbacks=(), ema: float | None = 0.9, **kw) -> L.Trainer:
+    """``ema``: the decay of the EMAWeights callback added to ``callbacks`` (None: no EMA)."""
+    callbacks = [*callbacks, *([EMAWeights(decay=ema)] if ema is not None else [])]
     return L.Trainer(
         default_root_dir=tmp_path,
         max_steps=max_steps,
@@ -50,7 +54,6 @@ class _FixedOrderDemo(DemoDomainDataModule):
 
 
 def _module(tmp_path, sd, lr=1e-3, **kw):
-    kw.setdefault("ema_decay", 0.9)
     kw.setdefault("export_on_fit_end", False)
     return NullTextFinetuneModule(
         model_loader=lambda: sd,
@@ -134,12 +137,12 @@ def _fixed_loss(unet, sd, data) -> float:
 @pytest.mark.slow
 def test_loss_falls_on_the_demo_domain(tmp_path):
     sd = build_tiny_sd(seed=0)
-    module = _module(tmp_path, sd, lr=2e-3, ema_decay=None)
+    module = _module(tmp_path, sd, lr=2e-3)
     data = _data(tmp_path)
     L.seed_everything(0)
     module.setup("fit")
     initial = NullTextUNet.from_unet(sd.unet, module.text_features)
-    _trainer(tmp_path, 20).fit(module, datamodule=data)
+    _trainer(tmp_path, 20, ema=None).fit(module, datamodule=data)
     before, after = _fixed_loss(initial, sd, data), _fixed_loss(module.domain_unet, sd, data)
     assert after < 0.95 * before, (before, after)
 
@@ -229,6 +232,116 @@ def test_export_loads_alone_and_holds_ema_weights(tmp_path):
     assert not [p for p in again.parent.iterdir() if p.name.startswith(".")]
 
 
+class _ModuleOwnedEMA(NullTextFinetuneModule):
+    """The module as it was before EMAWeights: its own EMA, created at fit start, updated in
+    optimizer_step and written as the top-level checkpoint["ema"]."""
+
+    def on_fit_start(self) -> None:
+        self.ema = EMA(self.domain_unet, 0.9, True)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.ema.update(self.domain_unet)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["ema"] = self.ema.state_dict()
+
+
+@pytest.mark.slow
+def test_checkpoint_of_module_owned_ema_resumes_into_the_callback(tmp_path):
+    """A checkpoint written before EMA was a callback continues with EMAWeights to the same
+    weights and EMA as 4 steps with the callback at once."""
+    data_root = tmp_path / "shared"
+
+    def run(root, max_steps, module_cls=NullTextFinetuneModule, ckpt_path=None):
+        module = module_cls(
+            model_loader=lambda: build_tiny_sd(seed=0),
+            optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.0),
+            domain="shapes",
+            output_dir=str(root / "out"),
+            export_on_fit_end=False,
+        )
+        L.seed_everything(0)
+        ema = None if module_cls is _ModuleOwnedEMA else 0.9
+        trainer = _trainer(root, max_steps, [_ckpt_callback(root)], ema=ema)
+        data = _FixedOrderDemo(root=str(data_root / "demo"), num_images=8, batch_size=4)
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        return module
+
+    straight = run(tmp_path / "a", 4)
+    run(tmp_path / "b", 2, module_cls=_ModuleOwnedEMA)
+    old = torch.load(tmp_path / "b" / "ckpt" / "last.ckpt", weights_only=True)
+    assert old["ema"]["num_updates"] == 2 and old["ema"]["shadow"]
+    resumed = run(tmp_path / "b", 4, ckpt_path="last")
+
+    assert resumed.ema is not None and resumed.ema.num_updates == straight.ema.num_updates == 4
+    for k, v in straight.ema.shadow.items():
+        torch.testing.assert_close(resumed.ema.shadow[k], v, rtol=0, atol=1e-6, msg=k)
+    a, b = _state(straight.domain_unet), _state(resumed.domain_unet)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    # the callback writes the same format: top-level "ema", nothing of it under "callbacks"
+    new = torch.load(tmp_path / "b" / "ckpt" / "last.ckpt", weights_only=True)
+    assert new["ema"].keys() == old["ema"].keys() and new["ema"]["num_updates"] == 4
+    assert not any("EMAWeights" in str(key) for key in new.get("callbacks", {}))
+
+
+def test_without_the_ema_callback_export_holds_the_raw_weights(tmp_path):
+    """callbacks.ema=null (or ~callbacks.ema): no EMA anywhere; the export says "raw"."""
+    import json
+
+    from idgen.modules.export import METADATA_FILE
+    from idgen.train import _callbacks
+    from tests.conftest import compose_config
+
+    for off in ("callbacks.ema=null", "~callbacks.ema"):
+        cfg = compose_config("train", tmp_path / "cfg", [off])
+        assert not any(isinstance(c, EMAWeights) for c in _callbacks(cfg, stage2=True))
+    on = compose_config("train", tmp_path / "cfg", [])
+    assert sum(isinstance(c, EMAWeights) for c in _callbacks(on, stage2=True)) == 1
+    assert not any(isinstance(c, EMAWeights) for c in _callbacks(on, stage2=False))  # stage 1
+
+    module = _module(tmp_path, build_tiny_sd(seed=0), export_on_fit_end=True)
+    L.seed_everything(0)
+    _trainer(tmp_path, 2, [_ckpt_callback(tmp_path)], ema=None).fit(
+        module, datamodule=_data(tmp_path)
+    )
+    assert module.ema is None
+    out = tmp_path / "out" / "domain_model"
+    assert json.loads((out / METADATA_FILE).read_text())["weights"] == "raw"
+    loaded = NullTextUNet.from_pretrained(out)
+    raw = dict(module.domain_unet.named_parameters())
+    for n, p in loaded.named_parameters():
+        torch.testing.assert_close(p, raw[n], rtol=0, atol=0)
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True).get("ema") is None
+    again = export_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", tmp_path / "from_ckpt")
+    assert json.loads((again / METADATA_FILE).read_text())["weights"] == "raw"
+
+
+def test_ema_updates_once_per_optimizer_step_before_other_callbacks(tmp_path):
+    """Under gradient accumulation too; a callback listed before EMAWeights (validation grids)
+    still sees the EMA of the step it runs at."""
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            seen.append((trainer.global_step, pl_module.ema.num_updates))
+
+    module = _module(tmp_path, build_tiny_sd(seed=0))
+    L.seed_everything(0)
+    _trainer(tmp_path, 2, [Spy()], accumulate_grad_batches=2).fit(
+        module, datamodule=_data(tmp_path, n=8, batch=2)
+    )
+    assert seen == [(0, 0), (1, 1), (1, 1), (2, 2)]
+
+
+def test_ema_callback_needs_a_module_with_an_ema_target(tmp_path):
+    # e.g. stage 1 or a baseline: nothing to average
+    with pytest.raises(TypeError, match=r"ema_target\(\).*~callbacks\.ema"):
+        EMAWeights.target(L.LightningModule())
+
+
 def _validation_callback(tmp_path, every: int, steps: int, images: int = 1):
     """Fine-tuning's validation grids: the DecoupledGuidanceSampling callback (one path)."""
     from idgen.sampling import DecoupledGuidanceSampling, SamplerSettings
@@ -270,8 +383,8 @@ def test_bad_options_are_refused(tmp_path):
         _module(tmp_path, sd, init="mean")
     with pytest.raises(ValueError, match="vae_dtype"):
         _module(tmp_path, sd, vae_dtype="float16")
-    with pytest.raises(ValueError, match="ema_decay"):
-        _module(tmp_path, sd, ema_decay=1.5)
+    with pytest.raises(ValueError, match=r"callbacks\.ema\.decay=1\.5"):
+        EMAWeights(decay=1.5)
 
 
 def test_calibrated_init_from_cached_latents(tmp_path):

@@ -20,10 +20,10 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-from idgen.data import DemoDomainDataModule
 from idgen.models import NullTextUNet, build_tiny_sd
 from idgen.modules import NullTextFinetuneModule
 from idgen.pipelines import InDomainPipeline
+from idgen.toyworld.demo import DemoDomainDataModule
 
 pytestmark = pytest.mark.gpu
 DEVICE = os.environ.get("IDGEN_GPU_TEST_DEVICE", "cuda")
@@ -81,7 +81,6 @@ def test_amp_null_text_finetuning_steps_are_finite(tmp_path, precision):
     module = NullTextFinetuneModule(
         model_loader=functools.partial(build_tiny_sd, seed=0),
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
-        ema_decay=None,
         export_on_fit_end=False,
         output_dir=str(tmp_path / "run"),
     )
@@ -126,7 +125,7 @@ DDP_SCRIPT = textwrap.dedent(
     import torch
     from lightning.pytorch.strategies import DDPStrategy
 
-    from idgen.data import DemoDomainDataModule
+    from idgen.toyworld.demo import DemoDomainDataModule
     from idgen.models import build_tiny_sd
     from idgen.modules import NullTextFinetuneModule
 
@@ -135,7 +134,7 @@ DDP_SCRIPT = textwrap.dedent(
     module = NullTextFinetuneModule(
         model_loader=functools.partial(build_tiny_sd, seed=0),
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
-        ema_decay=None, export_on_fit_end=False,
+        export_on_fit_end=False,
         output_dir=str(out / "run"),
     )
     backend = "nccl" if accelerator == "gpu" else "gloo"

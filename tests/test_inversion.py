@@ -9,11 +9,11 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from idgen.data import DemoDomainDataModule
 from idgen.models import build_tiny_sd
 from idgen.modules import TextFeatureInversionModule
 from idgen.modules.diffusion_loss import add_noise, denoising_target, min_snr_weights, snr
 from idgen.modules.sd_parts import load_text_features, read_text_features_metadata
+from idgen.toyworld.demo import DemoDomainDataModule
 
 
 def _trainer(tmp_path, max_steps: int, **kw) -> L.Trainer:

@@ -22,18 +22,7 @@ from idgen.utils.validation import (
     is_finite,
     remove_stale_temp_files,
 )
-from tests.conftest import compose_config as _compose
-
-
-def compose_config(name: str, tmp_path: Path, overrides: list[str]):
-    """The composed job config as @hydra.main hands it over (no `hydra` node)."""
-    from omegaconf import open_dict
-
-    cfg = _compose(name, tmp_path, overrides)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
-
+from tests.conftest import job_config
 
 FAST = [
     "stage=finetune",
@@ -41,7 +30,7 @@ FAST = [
     "data.num_images=16",
     "data.batch_size=4",  # 4 batches per epoch: checkpoints at steps 2, 6 fall mid-epoch
     "callbacks.decoupled_sampling.every_n_train_steps=null",
-    "module.ema_decay=0.9",
+    "callbacks.ema.decay=0.9",
     "callbacks.progress_bar.refresh_rate=0",
     "trainer.log_every_n_steps=1",
     "callbacks.model_checkpoint.every_n_train_steps=1",
@@ -108,7 +97,7 @@ def test_stale_temp_files_removed(tmp_path):
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
-    cfg = compose_config(
+    cfg = job_config(
         "train",
         tmp_path,
         [
@@ -131,7 +120,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_nan_loss_skip_counts_and_leaves_weights_finite(tmp_path):
-    cfg = compose_config(
+    cfg = job_config(
         "train",
         tmp_path,
         [
@@ -162,10 +151,10 @@ def test_resume_picks_newest_complete_checkpoint_prunes_to_top_k_and_equals_unin
     checkpoint and a partial temp file: the resume starts at step 4, keeps exactly top-k files,
     and ends with the weights of an uninterrupted run; the CSV keeps every step once."""
     ref_root, root = tmp_path / "ref", tmp_path / "crash"
-    train(compose_config("train", ref_root, [*FAST, "trainer.max_steps=6"]))
+    train(job_config("train", ref_root, [*FAST, "trainer.max_steps=6"]))
 
     train(
-        compose_config(
+        job_config(
             "train",
             root,
             [*FAST, "trainer.max_steps=4", "callbacks.model_checkpoint.save_top_k=-1"],
@@ -179,7 +168,7 @@ def test_resume_picks_newest_complete_checkpoint_prunes_to_top_k_and_equals_unin
     assert newest_complete_checkpoint(ckpts)[1] == 4
 
     train(
-        compose_config(
+        job_config(
             "train",
             root,
             [
@@ -211,14 +200,14 @@ def test_rerun_without_ckpt_path_is_refused_and_finished_stage1_is_reused(tmp_pa
         "inversion_steps=2",
         "trainer.max_steps=2",
     ]
-    train(compose_config("train", tmp_path, overrides))
+    train(job_config("train", tmp_path, overrides))
     features = tmp_path / "run" / "inversion" / "text_features.safetensors"
     before = (features.stat().st_mtime_ns, features.read_bytes())
     with pytest.raises(ConfigError, match="ckpt_path=None: .* already holds checkpoints"):
-        train(compose_config("train", tmp_path, overrides))
+        train(job_config("train", tmp_path, overrides))
     more = [*overrides, "trainer.max_steps=3", "ckpt_path=last"]
-    train(compose_config("train", tmp_path, more))
+    train(job_config("train", tmp_path, more))
     assert (features.stat().st_mtime_ns, features.read_bytes()) == before  # not re-run
     assert len([r for r in _rows(tmp_path / "run") if r.get("train/loss")]) == 3
     with pytest.raises(ConfigError, match="holds a finished stage 1 .* steps '2' \\(now '3'\\)"):
-        train(compose_config("train", tmp_path, [*more, "inversion_steps=3"]))
+        train(job_config("train", tmp_path, [*more, "inversion_steps=3"]))

@@ -16,7 +16,6 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
-from idgen.data import DemoDomainDataModule
 from idgen.models import NullTextUNet, build_tiny_sd
 from idgen.modules import NullTextFinetuneModule
 from idgen.pipelines import InDomainPipeline
@@ -26,6 +25,7 @@ from idgen.sampling import (
     PromptsDataModule,
     SamplerSettings,
 )
+from idgen.toyworld.demo import DemoDomainDataModule
 from idgen.utils.images import make_grid
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -66,7 +66,6 @@ def _finetune_module(tmp_path, sd) -> NullTextFinetuneModule:
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.0),
         domain="shapes",
         output_dir=str(tmp_path / "out"),
-        ema_decay=None,
         export_on_fit_end=False,
     )
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from idgen.data.demo import make_demo_domain
 from idgen.models import NullTextUNet, build_tiny_sd
+from idgen.toyworld.demo import make_demo_domain
 
 GRID_W_D = (0.0, 2.0)
 GRID_W_C = (1.0, 3.0)

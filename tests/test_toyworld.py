@@ -11,9 +11,9 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from idgen.data.demo import make_demo_domain
 from idgen.models import load_sd
 from idgen.toyworld import BASE_DIR, COLOURS, SHAPES, read_image, render_world, score
+from idgen.toyworld.demo import make_demo_domain
 from idgen.toyworld.metrics import to_uint8_arrays
 from idgen.toyworld.pretrain import Recipe, evaluate_base, main, pretrain
 from idgen.toyworld.render import DARK_BACKGROUND, LIGHT_BACKGROUND, render_batch, to_tensor

@@ -22,7 +22,8 @@ SCRIPT = textwrap.dedent(
     import torch
     from lightning.pytorch.strategies import DDPStrategy
 
-    from idgen.data import DemoDomainDataModule
+    from idgen.callbacks.ema import EMAWeights
+    from idgen.toyworld.demo import DemoDomainDataModule
     from idgen.models import build_tiny_sd
     from idgen.modules import NullTextFinetuneModule
     from idgen.sampling import DecoupledGuidanceSampling, SamplerSettings
@@ -32,7 +33,6 @@ SCRIPT = textwrap.dedent(
     module = NullTextFinetuneModule(
         model_loader=functools.partial(build_tiny_sd, seed=0),
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
-        ema_decay=0.9,
         output_dir=str(out / "run"),
     )
     sampling = DecoupledGuidanceSampling(
@@ -47,7 +47,7 @@ SCRIPT = textwrap.dedent(
         devices=2,
         strategy=DDPStrategy(process_group_backend="gloo", find_unused_parameters=False),
         max_steps=3,
-        callbacks=[sampling],
+        callbacks=[sampling, EMAWeights(decay=0.9)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -9,16 +9,15 @@ import math
 import lightning as L
 import torch
 
-from idgen.data import DemoDomainDataModule
 from idgen.models import build_tiny_sd
 from idgen.modules import NullTextFinetuneModule
+from idgen.toyworld.demo import DemoDomainDataModule
 
 
 def _fit(tmp_path, validate: bool):
     module = NullTextFinetuneModule(
         model_loader=functools.partial(build_tiny_sd, seed=0),
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
-        ema_decay=None,
         export_on_fit_end=False,
         output_dir=str(tmp_path / "out"),
     )

@@ -21,10 +21,10 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from idgen.data import DemoDomainDataModule
 from idgen.models import build_tiny_sd
 from idgen.modules import NullTextFinetuneModule
 from idgen.sample import sample
+from idgen.toyworld.demo import DemoDomainDataModule
 from tests.conftest import compose_config
 
 

@@ -26,10 +26,11 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
 
     ``text_features``: a stage-1 ``text_features.safetensors`` (or a folder holding one); when
     ``None`` the prompt is encoded afresh. ``init="calibrated"`` computes ``E`` from the first
-    ``calibration_batches`` training batches. EMA weights (``ema_decay``) are used for validation
-    grids (the ``DecoupledGuidanceSampling`` callback, through :meth:`export_weights_context`)
-    and export. Only the null-text UNet, EMA, optimizer/scheduler state and RNG states are
-    checkpointed.
+    ``calibration_batches`` training batches. EMA is the ``EMAWeights`` callback
+    (``callbacks.ema``): it averages :meth:`ema_target` and sets :attr:`ema`, whose weights
+    validation grids (the ``DecoupledGuidanceSampling`` callback, through
+    :meth:`export_weights_context`) and export then use; without it they use the raw weights.
+    Only the null-text UNet, EMA, optimizer/scheduler state and RNG states are checkpointed.
     """
 
     frozen_names = ("vae",)
@@ -45,8 +46,6 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
         init: str = "value",
         calibration_batches: int = 4,
         train_embeddings: bool = True,
-        ema_decay: float | None = 0.9999,
-        ema_warmup: bool = True,
         use_8bit_adam: bool = False,
         gradient_checkpointing: bool = False,
         vae_dtype: str = "float32",
@@ -72,8 +71,6 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
         )
         if init not in ("value", "calibrated"):
             raise ValueError(f"module.init={init!r}: use 'value' or 'calibrated'.")
-        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"module.ema_decay={ema_decay} must be in [0, 1) or null.")
         self.vae_dtype = self.guard_frozen_dtype(vae_dtype, "module.vae_dtype")
         if use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
             raise ImportError(
@@ -86,14 +83,12 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
         self.init = init
         self.calibration_batches = calibration_batches
         self.train_embeddings = train_embeddings
-        self.ema_decay = ema_decay
-        self.ema_warmup = ema_warmup
         self.use_8bit_adam = use_8bit_adam
         self.gradient_checkpointing = gradient_checkpointing
         self.domain_unet: NullTextUNet | None = None
         self.text_features: torch.Tensor | None = None
+        #: set by the ``EMAWeights`` callback at fit start (``None``: no EMA, raw weights)
         self.ema: EMA | None = None
-        self._pending_ema: dict | None = None
 
     # --- setup ------------------------------------------------------------------------------
     def _calibration_latents(self) -> torch.Tensor:
@@ -157,14 +152,9 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
         return self.optimizer_factory(params=params)
 
     # --- EMA --------------------------------------------------------------------------------
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        # created here (after DDP has broadcast rank 0's weights) so every rank's EMA agrees
-        if self.ema_decay is not None and self.ema is None:
-            self.ema = EMA(self.domain_unet, self.ema_decay, self.ema_warmup)
-            if self._pending_ema is not None:
-                self.ema.load_state_dict(self._pending_ema)
-                self._pending_ema = None
+    def ema_target(self) -> NullTextUNet | None:
+        """What the ``EMAWeights`` callback averages: the null-text UNet (built in setup)."""
+        return self.domain_unet
 
     def export_weights_context(self):
         """Context manager with the EMA weights swapped in (or a no-op without EMA)."""
@@ -178,13 +168,6 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
 
     def denoiser(self):
         return self.forward
-
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        # Updated here rather than in on_train_batch_end, which runs after ModelCheckpoint's
-        # hook: a checkpoint written at step k must hold the EMA of step k.
-        if self.ema is not None:
-            self.ema.update(self.domain_unet)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
         """Passes prompt-plan items through: ``DecoupledGuidanceSampling`` samples at predict time."""
@@ -208,7 +191,6 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
     # --- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["ema"] = self.ema.state_dict() if self.ema is not None else None
         checkpoint["null_text_unet_config"] = {
             "unet_config": dict(self.domain_unet.config.unet_config),
             "init": self.domain_unet.config.init,
@@ -217,10 +199,5 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        if checkpoint.get("ema") is not None:
-            if self.ema is not None:
-                self.ema.load_state_dict(checkpoint["ema"])
-            else:
-                self._pending_ema = checkpoint["ema"]
         if checkpoint.get("text_features") is not None:
             self.text_features = checkpoint["text_features"]

@@ -2,6 +2,7 @@
 
 ``render``: seeded open-world (light, captioned) and domain (dark, unlabeled) images.
 ``metrics``: pixel-statistics colour/shape/no-object/dark-background scores.
+``demo``: the embedded demo domain (a folder of the domain's images) and its ``DataModule``.
 ``pretrain``: the recipe of the toy base model shipped under ``idgen/toyworld/base``.
 """
 

@@ -186,7 +186,7 @@ def evaluate_row(args: argparse.Namespace, row: str, samples_dir: Path) -> dict:
 
 def prepare_domain(args: argparse.Namespace) -> Path:
     """Render the domain folder once, before the two trainings may run side by side."""
-    from idgen.data.demo import make_demo_domain
+    from idgen.toyworld.demo import make_demo_domain
 
     cfg = compose_run("train", args.out.resolve() / "ours", training_overrides(args, "toyworld"))
     data = cfg.data

@@ -406,8 +406,11 @@ def validate_train(cfg: DictConfig) -> None:
         check_float(cfg, "module.optimizer.lr", optional=False, positive=True)
         if "decoupled_sampling" in (cfg.get("callbacks") or {}):
             check_int(cfg, "callbacks.decoupled_sampling.every_n_train_steps", optional=True)
-        if "ema_decay" in cfg.module:
-            check_float(cfg, "module.ema_decay", minimum=0.0, maximum=1.0, open_max=True)
+        ema = (cfg.get("callbacks") or {}).get("ema")
+        if isinstance(ema, DictConfig) and "decay" in ema:  # ~callbacks.ema / null: no EMA
+            check_float(
+                cfg, "callbacks.ema.decay", optional=False, minimum=0.0, maximum=1.0, open_max=True
+            )
         text_features = get(cfg, "text_features")
         if stage == "finetune" and text_features:
             path = Path(os.path.expanduser(str(text_features)))
