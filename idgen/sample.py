@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from idgen import CONFIG_DIR
-from idgen.callbacks.log_media import finish_loggers, instantiate_loggers
+from idgen.preflight import validate_sample
 from idgen.sampling import (
     DecoupledGuidanceSampling,
     DomainModel,
@@ -30,8 +30,8 @@ from idgen.sampling import (
     read_prompts,
 )
 from idgen.utils.io import atomic_write_text
+from idgen.utils.log_media import finish_loggers, instantiate_loggers
 from idgen.utils.task import console_main, task_wrapper
-from idgen.utils.validation import validate_sample
 
 log = logging.getLogger(__name__)
 

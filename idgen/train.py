@@ -14,7 +14,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from idgen import CONFIG_DIR
 from idgen.callbacks.ema import EMAWeights
-from idgen.callbacks.log_media import finish_loggers, instantiate_loggers
 from idgen.data.transforms import to_pil
 from idgen.modules.checkpoint_io import (
     AtomicCheckpointIO,
@@ -22,16 +21,13 @@ from idgen.modules.checkpoint_io import (
     pending_log,
     remove_incomplete_checkpoints,
 )
+from idgen.preflight import STAGES, validate_train
 from idgen.preview import write_base_grid
 from idgen.utils.images import make_grid
 from idgen.utils.io import atomic_write_text, save_image_atomic
+from idgen.utils.log_media import finish_loggers, instantiate_loggers
 from idgen.utils.task import console_main, task_wrapper
-from idgen.utils.validation import (
-    STAGES,
-    ConfigError,
-    remove_stale_temp_files,
-    validate_train,
-)
+from idgen.utils.validation import ConfigError, remove_stale_temp_files
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +108,7 @@ def resolve_resume(cfg: DictConfig) -> tuple[str | None, int | None]:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run the configured stages; returns the final metrics (for sweepers).
 
-    The config is validated first (``idgen.utils.validation.validate_train``): a user mistake
+    The config is validated first (``idgen.preflight.validate_train``): a user mistake
     fails in milliseconds, before data is scanned or a model built. Leftovers of writes a kill
     interrupted are removed from the run folder, and a rerun into the same folder resumes.
     """

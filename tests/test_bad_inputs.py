@@ -17,13 +17,9 @@ import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
-from idgen.utils.validation import (
-    ConfigError,
-    accept_null_groups,
-    validate_eval,
-    validate_sample,
-    validate_train,
-)
+from idgen.preflight import validate_eval, validate_sample, validate_train
+from idgen.utils.task import accept_null_groups
+from idgen.utils.validation import ConfigError
 from tests.conftest import compose_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -215,7 +215,7 @@ def _at_one_value(parsed) -> str:
 
 def compose_documented(config: str, overrides: list[str], tmp_path: Path) -> None:
     try:
-        from idgen.utils.validation import accept_null_groups  # `group=null` as idgen-* accept it
+        from idgen.utils.task import accept_null_groups  # `group=null` as idgen-* accept it
     except ImportError:  # pragma: no cover
         accept_null_groups = None
     if accept_null_groups is not None:

@@ -12,7 +12,9 @@ import csv
 
 def test_guidance_grid_multirun_writes_summary(tmp_path, stand_in_sweep):
     sweep = tmp_path / "sweep"
-    stand_in_sweep("guidance_grid", sweep, "~logger", "sample.w_d=0,2", "sample.w_c=1,3", num_images=8)
+    stand_in_sweep(
+        "guidance_grid", sweep, "~logger", "sample.w_d=0,2", "sample.w_c=1,3", num_images=8
+    )
 
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert len(jobs) == 4 and all((j / "metrics.json").is_file() for j in jobs)

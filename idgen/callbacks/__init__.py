@@ -1,2 +1,5 @@
-"""Lightning and logger glue shared by training and sampling (media logging helpers, the
-``EMAWeights`` callback of fine-tuning)."""
+"""Lightning callbacks of training: ``EMAWeights`` (the EMA of fine-tuning).
+
+Sampling's callback is ``idgen.sampling.DecoupledGuidanceSampling``; logging media to the
+chosen loggers is ``idgen.utils.log_media``.
+"""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from idgen.callbacks.log_media import GROUP_ENV, sweep_group
+from idgen.utils.log_media import GROUP_ENV, sweep_group
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
-from idgen.callbacks.log_media import finish_loggers, instantiate_loggers, log_images, log_table
 from idgen.metrics.sweep_summary import summarize
+from idgen.utils.log_media import finish_loggers, instantiate_loggers, log_images, log_table
 
 log = logging.getLogger(__name__)
 

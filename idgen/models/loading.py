@@ -9,6 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from idgen.utils.dtypes import parse_optional_dtype
+from idgen.utils.validation import UserInputError
 
 # What a diffusers folder in SD1.5 layout must hold for idgen to use it.
 REQUIRED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
@@ -21,8 +22,8 @@ _HOW_TO_GET = (
 )
 
 
-class SDLoadError(FileNotFoundError):
-    """A Stable Diffusion folder or hub id could not be loaded."""
+class SDLoadError(UserInputError, FileNotFoundError):
+    """A Stable Diffusion folder or hub id could not be loaded (a user error: one line, exit 2)."""
 
 
 def _offline() -> bool:

@@ -27,7 +27,6 @@ from diffusers.image_processor import VaeImageProcessor
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from idgen.callbacks.log_media import log_images, log_series, log_table
 from idgen.guidance import GuidanceTerm
 from idgen.pipelines import InDomainPipeline
 from idgen.sampling.components import SamplingComponents, load_components
@@ -38,6 +37,7 @@ from idgen.sampling.writer import SampleWriter, grid_caption
 from idgen.utils.dtypes import parse_dtype
 from idgen.utils.images import make_grid
 from idgen.utils.io import save_image_atomic
+from idgen.utils.log_media import log_images, log_series, log_table
 from idgen.utils.validation import assert_finite_images
 
 log = logging.getLogger(__name__)

@@ -22,10 +22,10 @@ from typing import Any
 from lightning.pytorch.loggers import Logger
 from PIL import Image
 
-from idgen.callbacks.log_media import log_images
 from idgen.sampling.plan import SamplingPlan
 from idgen.utils.images import make_grid
 from idgen.utils.io import atomic_write_text, save_image_atomic
+from idgen.utils.log_media import log_images
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 
 from idgen.utils.io import atomic_write_text
+from idgen.utils.log_media import sweep_group
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,6 @@ class RunWandbLogger(WandbLogger):
 
 def _default_group(save_dir: str | None) -> str | None:
     """Sweep jobs: the sweep's group; otherwise the run dir's name (the stages of one run)."""
-    from idgen.callbacks.log_media import sweep_group
-
     return sweep_group() or (os.path.basename(os.path.normpath(save_dir)) if save_dir else None)
 
 

@@ -13,15 +13,55 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig
 
-from idgen.utils.validation import ConfigError, accept_null_groups, cli_errors
+from idgen.utils.validation import ConfigError, UserInputError
 
 log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def cli_errors(task: F) -> F:
+    """Decorate a Hydra task: a :class:`UserInputError` (a missing model folder is one too) becomes
+    one ``error: ...`` line on stderr and exit code 2; programming errors keep their traceback."""
+
+    @functools.wraps(task)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return task(*args, **kwargs)
+        except UserInputError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            # SystemExit is not an Exception: Hydra lets it through without printing a traceback.
+            raise SystemExit(2) from None
+
+    return wrapped  # type: ignore[return-value]
+
+
+def accept_null_groups(argv: Sequence[str], config_dir: str | os.PathLike) -> list[str]:
+    """``group=null`` on the command line means "no group" (Hydra's own spelling is ``~group``).
+
+    Hydra refuses ``logger=null`` with a traceback ("Config group override must be a string or
+    a list"); every other value may be null, so users type it. Only names of config groups (the
+    folders of ``config_dir``) are rewritten.
+    """
+    out = list(argv[:1])
+    for arg in argv[1:]:
+        key, sep, value = arg.partition("=")
+        if sep and value in ("null", "None", "none") and (Path(config_dir) / key).is_dir():
+            if value == "none" and (Path(config_dir) / key / "none.yaml").is_file():
+                out.append(arg)  # a real config called none.yaml (e.g. callbacks=none)
+                continue
+            out.append(f"~{key}")
+        else:
+            out.append(arg)
+    return out
 
 
 def close_loggers() -> None:

@@ -1,0 +1,459 @@
+"""Preflight: each CLI's config checked before any model is loaded or data scanned.
+
+``idgen-train``, ``idgen-sample`` and ``idgen-eval`` call their ``validate_*`` first. A user
+mistake raises :class:`~idgen.utils.validation.ConfigError`, whose message names the field (or
+file), the value and what to do; the task wrapper turns it into that one line on stderr and exit
+code 2. The checks read only small files (config JSONs, folder listings), so they cost
+milliseconds (``tests/test_bad_inputs.py``). The field checks they are built from
+(``check_int``, ``check_dir``...) live in ``idgen.utils.validation``; this module knows what
+each CLI's fields mean (the base model's geometry, a domain model folder, sampler settings).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, get_args
+
+from omegaconf import DictConfig, OmegaConf
+
+from idgen.data.images import DEFAULT_EXTENSIONS
+from idgen.models.loading import missing_parts
+from idgen.pipelines.in_domain import WeightMode
+from idgen.sampling.settings import BASELINE_MODES
+from idgen.utils.validation import (
+    ConfigError,
+    check_choice,
+    check_dir,
+    check_file,
+    check_float,
+    check_int,
+    get,
+)
+
+log = logging.getLogger(__name__)
+
+#: idgen-train's stages (``stage=...``)
+STAGES = ("inversion", "finetune", "all", "data")
+#: what a non-finite training loss does (``nonfinite_loss=...``)
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+# ------------------------------------------------------------------------ the base model's shape
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith(("/", ".", "~")) or Path(source).exists() or source.count("/") != 1
+
+
+def base_geometry(model: DictConfig | dict | None) -> dict[str, Any]:
+    """What the configured base model looks like, read from config files without loading weights.
+
+    Keys (each may be missing when unknown, e.g. a hub id not yet downloaded): ``vae_factor``,
+    ``in_channels``, ``sample_size`` (latent), ``cross_attention_dim``, ``name``.
+    """
+    if model is None:
+        return {}
+    model = OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else model
+    target = str(model.get("_target_", ""))
+    if target.endswith("build_tiny_sd"):
+        # idgen.models.tiny's fixed geometry (a factor-8 VAE, 8x8x4 latents)
+        return {
+            "vae_factor": 8,
+            "in_channels": 4,
+            "sample_size": 8,
+            "cross_attention_dim": int(model.get("cross_attention_dim") or 32),
+            "name": "tiny",
+        }
+    source = model.get("pretrained")
+    if not source:
+        return {}
+    source = os.path.expanduser(str(source))
+    geometry: dict[str, Any] = {"name": str(model.get("pretrained"))}
+    if not _looks_local(source):
+        geometry["vae_factor"] = 8  # a hub id: the SD1.5 family's VAE
+        return geometry
+    vae = _read_json(Path(source) / "vae" / "config.json")
+    if vae and vae.get("block_out_channels"):
+        geometry["vae_factor"] = 2 ** (len(vae["block_out_channels"]) - 1)
+    unet = _read_json(Path(source) / "unet" / "config.json")
+    if unet:
+        for key in ("in_channels", "sample_size", "cross_attention_dim"):
+            if unet.get(key) is not None:
+                geometry[key] = unet[key]
+    return geometry
+
+
+def check_base_model(cfg: DictConfig, key: str = "model") -> dict[str, Any]:
+    """A local base-model folder has every SD part; returns its :func:`base_geometry`."""
+    model = cfg.get(key)
+    if model is None:
+        raise ConfigError(key, None, "no base model configured", "Pass model=tiny or model=sd15.")
+    pretrained = get(cfg, f"{key}.pretrained") if "pretrained" in model else None
+    if pretrained and _looks_local(os.path.expanduser(str(pretrained))):
+        missing = missing_parts(os.path.expanduser(str(pretrained)))
+        if missing:
+            raise ConfigError(
+                f"{key}.pretrained",
+                str(pretrained),
+                f"is not a Stable Diffusion folder in diffusers layout (missing {', '.join(missing)})",
+                "Pass the folder that holds model_index.json, unet/, vae/, text_encoder/, "
+                "tokenizer/ and scheduler/.",
+            )
+    return base_geometry(model)
+
+
+def check_resolution(
+    cfg: DictConfig, key: str, geometry: dict[str, Any], optional: bool = False
+) -> int | None:
+    """Pixels: a positive multiple of the VAE's downsampling factor (8 for SD1.5)."""
+    factor = int(geometry.get("vae_factor") or 8)
+    return check_int(
+        cfg,
+        key,
+        minimum=factor,
+        optional=optional,
+        multiple_of=factor,
+        why=f" (the base model's VAE works on {factor}x{factor}-pixel cells)",
+    )
+
+
+# ------------------------------------------------------------------------------- idgen-train
+
+
+def validate_train(cfg: DictConfig) -> None:
+    """Every user-set value idgen-train needs, checked before data is scanned or models built."""
+    stage = check_choice(cfg, "stage", STAGES)
+    check_int(cfg, "seed", minimum=0)
+    check_choice(cfg, "nonfinite_loss", NONFINITE_POLICIES)
+    geometry = check_base_model(cfg)
+
+    # data
+    if cfg.get("data") is None:
+        raise ConfigError("data", None, "no data configured", "Pass data=folder data.root=<dir>.")
+    check_resolution(cfg, "data.resolution", geometry)
+    check_int(cfg, "data.batch_size")
+    check_int(cfg, "data.num_workers", minimum=0)
+    check_int(cfg, "data.max_images", optional=True)
+    if "num_images" in cfg.data:
+        check_int(cfg, "data.num_images")
+    if "val_fraction" in cfg.data:
+        check_float(
+            cfg, "data.val_fraction", optional=False, minimum=0.0, maximum=1.0, open_max=True
+        )
+    root = get(cfg, "data.root")
+    target = str(get(cfg, "data._target_") or "")
+    generated = "num_images" in cfg.data  # demo/toy-world data: made on first use
+    if generated:
+        if root and Path(os.path.expanduser(str(root))).is_file():
+            raise ConfigError(
+                "data.root", str(root), "is a file, not a folder", "Pass a folder (or leave it)."
+            )
+    elif target:
+        extensions = get(cfg, "data.extensions") or DEFAULT_EXTENSIONS
+        check_dir("data.root", root, "the domain's images", extensions=extensions)
+
+    if cfg.get("preview") is not None and get(cfg, "preview.enabled"):
+        check_int(cfg, "preview.num_inference_steps")
+        check_resolution(cfg, "preview.resolution", geometry)
+        check_float(cfg, "preview.guidance_scale", optional=False)
+
+    # stages
+    if stage in ("inversion", "all"):
+        check_int(cfg, "inversion_steps")
+        check_int(cfg, "inversion_max_images", optional=True)
+        check_float(cfg, "inversion.optimizer.lr", optional=False, positive=True)
+    if stage in ("finetune", "all"):
+        check_int(
+            cfg,
+            "trainer.max_steps",
+            extra=(-1,) if (get(cfg, "trainer.max_epochs") or -1) > 0 else (),
+            why=" (the number of optimizer steps of stage 2)",
+        )
+        check_float(cfg, "module.optimizer.lr", optional=False, positive=True)
+        if "decoupled_sampling" in (cfg.get("callbacks") or {}):
+            check_int(cfg, "callbacks.decoupled_sampling.every_n_train_steps", optional=True)
+        ema = (cfg.get("callbacks") or {}).get("ema")
+        if isinstance(ema, DictConfig) and "decay" in ema:  # ~callbacks.ema / null: no EMA
+            check_float(
+                cfg, "callbacks.ema.decay", optional=False, minimum=0.0, maximum=1.0, open_max=True
+            )
+        text_features = get(cfg, "text_features")
+        if stage == "finetune" and text_features:
+            path = Path(os.path.expanduser(str(text_features)))
+            if path.is_dir():
+                path = path / "text_features.safetensors"
+            check_file("text_features", str(path), "a stage-1 text_features.safetensors")
+        ckpt = get(cfg, "ckpt_path")
+        if ckpt not in (None, "last"):
+            check_file("ckpt_path", ckpt, "a training checkpoint (.ckpt), or pass ckpt_path=last")
+        checkpoint = (cfg.get("callbacks") or {}).get("model_checkpoint")
+        if checkpoint is not None:
+            check_int(cfg, "callbacks.model_checkpoint.every_n_train_steps", optional=True)
+            check_int(cfg, "callbacks.model_checkpoint.save_top_k", minimum=-1)
+    check_int(cfg, "trainer.accumulate_grad_batches")
+    check_int(cfg, "trainer.log_every_n_steps")
+    logger = cfg.get("logger")
+    if logger is not None and not isinstance(logger, DictConfig):
+        raise ConfigError(
+            "logger", logger, "must be a logger config group", "Pass logger=csv or logger=null."
+        )
+
+
+# -------------------------------------------------------------------------------- idgen-eval
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def validate_eval(cfg: DictConfig) -> None:
+    """idgen-eval's folders and numbers, checked before any image or feature extractor is read."""
+    check_int(cfg, "batch_size")
+    check_int(cfg, "resolution", optional=True)
+    check_int(cfg, "seed", minimum=0)
+    device = get(cfg, "device")
+    if not isinstance(device, str) or not (
+        device in DEVICES or (device.startswith("cuda:") and device[5:].isdigit())
+    ):
+        raise ConfigError("device", device, "is not a device", "Pass device=auto, cpu or cuda:0.")
+    if cfg.get("sample") is not None:
+        import importlib.util
+
+        module = get(cfg, "sample.module") or "idgen.sample"
+        try:
+            found = importlib.util.find_spec(str(module)) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ConfigError(
+                "sample.module",
+                module,
+                f"sample-then-evaluate runs `python -m {module}`, which is not installed",
+                "Run idgen-sample yourself and pass samples_dir=<its image folder> (and "
+                "sample=null).",
+            )
+        for key in ("w_d", "w_c"):
+            check_float(cfg, f"sample.{key}")
+        subdir = get(cfg, "sample.images_subdir")
+        if not subdir or not isinstance(subdir, str):
+            raise ConfigError(
+                "sample.images_subdir", subdir, "must be a folder name", "Pass e.g. samples."
+            )
+    else:
+        samples = get(cfg, "samples_dir")
+        if samples is None:
+            raise ConfigError(
+                "samples_dir",
+                None,
+                "is not set",
+                "Pass samples_dir=<folder of generated images> (or configure sample=... to "
+                "sample first).",
+            )
+        check_dir(
+            "samples_dir",
+            samples,
+            "generated images",
+            extensions=DEFAULT_EXTENSIONS,
+            noun="samples folder",
+        )
+    metrics = cfg.get("metrics")
+    needs_reference = metrics is not None and metrics.get("fid") is not None
+    reference = get(cfg, "reference_dir")
+    if reference is not None or needs_reference:
+        if reference is None:
+            raise ConfigError(
+                "reference_dir",
+                None,
+                "is required by FID/KID (metrics.fid is set)",
+                "Pass reference_dir=<folder of domain images>.",
+            )
+        check_dir("reference_dir", reference, "domain images", extensions=DEFAULT_EXTENSIONS)
+
+
+# ------------------------------------------------------------------------------ idgen-sample
+
+WEIGHT_MODES = get_args(WeightMode)
+DOMAIN_CONFIG = "config.json"
+
+
+def check_scheduler(key: str, name: Any) -> None:
+    """``dpm++`` or a diffusers scheduler class name (checked by name, nothing instantiated)."""
+    if name in ("dpm++", "dpmsolver++"):
+        return
+    import diffusers
+
+    cls = getattr(diffusers, str(name), None) if isinstance(name, str) else None
+    if cls is None or not hasattr(cls, "from_config") or not str(name).endswith("Scheduler"):
+        raise ConfigError(
+            key,
+            name,
+            "is not a scheduler",
+            "Use dpm++ or a diffusers scheduler class name such as DDIMScheduler or "
+            "EulerDiscreteScheduler.",
+        )
+
+
+def check_interval(cfg: DictConfig, key: str) -> None:
+    value = get(cfg, key)
+    ok = (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        and 0.0 <= value[0] <= value[1] <= 1.0
+    )
+    if not ok:
+        raise ConfigError(
+            key, value, "must be [start, end] with 0 <= start <= end <= 1", f"Pass {key}=[0,1]."
+        )
+
+
+def check_domain_model(key: str, folder: Any, base: dict[str, Any]) -> dict[str, Any]:
+    """An exported NullTextUNet folder that fits the base model it will be mixed with.
+
+    Checks (from ``config.json`` and ``idgen_domain.json``, no weights read): the folder exists
+    and holds weights, it is a ``NullTextUNet`` export (not a plain UNet, not empty), and its
+    latent channels, latent sample size and cross-attention width equal the base's; a recorded
+    base model that differs from the configured one is an error too. Returns the UNet config.
+    """
+    path = check_dir(key, folder, "an exported domain model (idgen-train's domain_model/)", None)
+    config = _read_json(path / DOMAIN_CONFIG)
+    if config is None:
+        raise ConfigError(
+            key,
+            str(folder),
+            f"has no readable {DOMAIN_CONFIG}",
+            "Pass the domain_model/ folder idgen-train exports (or export a checkpoint with "
+            "`python -m idgen.modules.export CKPT OUT_DIR`).",
+        )
+    cls = config.get("_class_name")
+    if cls != "NullTextUNet":
+        raise ConfigError(
+            key,
+            str(folder),
+            f"holds a {cls or 'non-idgen'} model, not an idgen NullTextUNet domain model",
+            "Pass the domain_model/ folder written by idgen-train (a Table-1 baseline goes to "
+            "baseline_model=<folder> instead).",
+        )
+    if not any(p.suffix in (".safetensors", ".bin") for p in path.iterdir()):
+        raise ConfigError(
+            key, str(folder), "holds no weights (*.safetensors)", "Re-export the domain model."
+        )
+    unet = dict(config.get("unet_config") or {})
+    mismatches = []
+    for field, name in (
+        ("in_channels", "latent channels"),
+        ("sample_size", "latent sample size"),
+        ("cross_attention_dim", "cross-attention width"),
+    ):
+        ours, theirs = unet.get(field), base.get(field)
+        if ours is not None and theirs is not None and ours != theirs:
+            mismatches.append(f"{name} {ours} (base model: {theirs})")
+    meta = _read_json(path / "idgen_domain.json") or {}
+    recorded = meta.get("base_model")
+    configured = base.get("name")
+    if recorded and configured and recorded not in ("unknown",) and recorded != configured:
+        same = os.path.realpath(os.path.expanduser(str(recorded))) == os.path.realpath(
+            os.path.expanduser(str(configured))
+        )
+        if not same:
+            mismatches.append(f"trained on base '{recorded}' (configured: '{configured}')")
+    if mismatches:
+        raise ConfigError(
+            key,
+            str(folder),
+            "was trained for another base model: " + "; ".join(mismatches),
+            "Sample with the base it was trained on (model=...), or train a domain model on "
+            "this base.",
+        )
+    return unet
+
+
+def check_prompts(cfg: DictConfig) -> None:
+    prompts = get(cfg, "prompts") or []
+    if not isinstance(prompts, list):
+        raise ConfigError("prompts", prompts, "must be a list", "Pass prompts='[a photo of x]'.")
+    prompt_file = get(cfg, "prompt_file")
+    # "" counts: it is the unconditional prompt (FID samples, prompts='[""]' in the recipes).
+    n = len([p for p in prompts if p is not None])
+    if prompt_file:
+        path = check_file("prompt_file", prompt_file, "a text file with one prompt per line")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(
+                "prompt_file",
+                str(prompt_file),
+                f"is not readable text ({err})",
+                "Save it as UTF-8.",
+            ) from None
+        in_file = [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
+        if not in_file:
+            raise ConfigError(
+                "prompt_file",
+                str(prompt_file),
+                "holds no prompts (only blank or # lines)",
+                "Write one prompt per line.",
+            )
+        n += len(in_file)
+    if n == 0:
+        raise ConfigError(
+            "prompts", prompts, "no prompt given", "Pass prompts='[...]' or prompt_file=<file>."
+        )
+
+
+def validate_sample(cfg: DictConfig) -> None:
+    """idgen-sample's settings, prompts and model folders, checked before any model is loaded."""
+    geometry = check_base_model(cfg)
+    check_int(cfg, "seed", minimum=0)
+    check_int(cfg, "images_per_prompt")
+    check_int(cfg, "batch_size")
+    check_resolution(cfg, "resolution", geometry, optional=True)
+    check_prompts(cfg)
+    sampler = cfg.get("sampler")
+    if sampler is None:
+        raise ConfigError("sampler", None, "no sampler configured", "Pass sampler=decoupled.")
+    name = get(cfg, "sampler.name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError("sampler.name", name, "must be a name", "Pass sampler=decoupled.")
+    for key in ("w_d", "w_c"):
+        if key in sampler:
+            check_float(cfg, f"sampler.{key}")
+    if "w0" in sampler:
+        check_float(cfg, "sampler.w0", optional=False)
+    if "strength" in sampler:
+        check_float(cfg, "sampler.strength", minimum=0.0, maximum=1.0)
+    if "weights" in sampler:
+        check_choice(cfg, "sampler.weights", WEIGHT_MODES)
+    if "baseline_mode" in sampler:
+        check_choice(cfg, "sampler.baseline_mode", BASELINE_MODES)
+    check_int(cfg, "sampler.num_inference_steps")
+    check_scheduler("sampler.scheduler", get(cfg, "sampler.scheduler", "dpm++"))
+    for key in ("domain_interval", "control_interval"):
+        if key in sampler:
+            check_interval(cfg, f"sampler.{key}")
+    for i, term in enumerate(get(cfg, "sampler.extra_guidance") or []):
+        weight = term.get("weight") if isinstance(term, dict) else None
+        if weight not in (None, "auto") and (
+            not isinstance(weight, int | float) or not math.isfinite(weight)
+        ):
+            raise ConfigError(
+                f"sampler.extra_guidance.{i}.weight",
+                weight,
+                "must be a finite number or auto",
+                "Pass a finite weight.",
+            )
+    domain = get(cfg, "domain_model")
+    if domain:
+        check_domain_model("domain_model", domain, geometry)
+    baseline = get(cfg, "baseline_model")
+    if baseline:
+        check_dir("baseline_model", baseline, "an exported baseline", None)
