@@ -58,6 +58,17 @@ class DiffusionTrainingModule(L.LightningModule):
     output folder, the precision guard of frozen parts, the metadata, checkpoint filtering and
     RNG state, and the export at the end of fit (:meth:`export` on rank 0, then a barrier so
     no rank reads a half-written result).
+
+    Args (every subclass takes them as keywords, ``conf/module/*.yaml`` sets them):
+        model_loader: returns the SD pipeline whose parts are trained or frozen (lazily, in
+            ``setup``).
+        optimizer, lr_scheduler: partial constructors (``_partial_: true``) of the optimizer
+            and scheduler over :meth:`trainable_parameters`.
+        noise_offset: diffusers' offset noise (0: off); snr_gamma: min-SNR weighting (None: off).
+        seed: seeds the per-rank noise generator (``seed + 1000 * rank``).
+        base_model: the base's name, recorded in the export's metadata.
+        output_dir, export_on_fit_end, export_dir_name: where and whether :meth:`export` writes
+            at the end of fit (``<output_dir>/<export_dir_name>``).
     """
 
     #: attribute names of frozen submodules (never trained, never checkpointed)
@@ -72,6 +83,7 @@ class DiffusionTrainingModule(L.LightningModule):
         model_loader: Callable[[], Any],
         optimizer: OptimizerFactory,
         lr_scheduler: SchedulerFactory | None = None,
+        *,
         noise_offset: float = 0.0,
         snr_gamma: float | None = None,
         seed: int = 0,

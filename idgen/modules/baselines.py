@@ -62,27 +62,13 @@ class BaselineModule(DiffusionTrainingModule):
         prompt_template: str = "a photo of {token} {domain}",
         frozen_dtype: str = "float32",
         gradient_checkpointing: bool = False,
-        output_dir: str | None = None,
-        export_on_fit_end: bool = True,
-        export_dir_name: str = "baseline_model",
-        noise_offset: float = 0.0,
-        snr_gamma: float | None = None,
-        seed: int = 0,
-        base_model: str = "unknown",
         text_features: str | None = None,
+        **training: Any,
     ) -> None:
-        super().__init__(
-            model_loader,
-            optimizer,
-            lr_scheduler,
-            noise_offset,
-            snr_gamma,
-            seed,
-            base_model,
-            output_dir=output_dir,
-            export_on_fit_end=export_on_fit_end,
-            export_dir_name=export_dir_name,
-        )
+        # ``training``: DiffusionTrainingModule's keyword arguments (noise_offset, snr_gamma,
+        # seed, base_model, output_dir, export_on_fit_end, export_dir_name).
+        training.setdefault("export_dir_name", "baseline_model")
+        super().__init__(model_loader, optimizer, lr_scheduler, **training)
         for key in ("{domain}", "{token}"):
             if key not in prompt_template:
                 raise ValueError(

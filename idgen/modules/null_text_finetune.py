@@ -49,26 +49,12 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
         use_8bit_adam: bool = False,
         gradient_checkpointing: bool = False,
         vae_dtype: str = "float32",
-        noise_offset: float = 0.0,
-        snr_gamma: float | None = None,
-        output_dir: str | None = None,
-        export_on_fit_end: bool = True,
-        export_dir_name: str = "domain_model",
-        seed: int = 0,
-        base_model: str = "unknown",
+        **training: Any,
     ) -> None:
-        super().__init__(
-            model_loader,
-            optimizer,
-            lr_scheduler,
-            noise_offset,
-            snr_gamma,
-            seed,
-            base_model,
-            output_dir=output_dir,
-            export_on_fit_end=export_on_fit_end,
-            export_dir_name=export_dir_name,
-        )
+        # ``training``: DiffusionTrainingModule's keyword arguments (noise_offset, snr_gamma,
+        # seed, base_model, output_dir, export_on_fit_end, export_dir_name).
+        training.setdefault("export_dir_name", "domain_model")
+        super().__init__(model_loader, optimizer, lr_scheduler, **training)
         if init not in ("value", "calibrated"):
             raise ValueError(f"module.init={init!r}: use 'value' or 'calibrated'.")
         self.vae_dtype = self.guard_frozen_dtype(vae_dtype, "module.vae_dtype")

@@ -38,22 +38,16 @@ class TextFeatureInversionModule(DiffusionTrainingModule):
         lr_scheduler: SchedulerFactory | None = None,
         domain: str = "domain",
         prompt_template: str = "a photo of {domain}",
-        output_dir: str | None = None,
         frozen_dtype: str = "float32",
-        noise_offset: float = 0.0,
-        snr_gamma: float | None = None,
-        seed: int = 0,
-        base_model: str = "unknown",
+        **training: Any,
     ) -> None:
+        # ``training``: DiffusionTrainingModule's keyword arguments (noise_offset, snr_gamma,
+        # seed, base_model, output_dir); the export is always the text features file.
         super().__init__(
             model_loader,
             optimizer,
             lr_scheduler,
-            noise_offset,
-            snr_gamma,
-            seed,
-            base_model,
-            output_dir=output_dir,
+            **training,
             export_on_fit_end=True,
             export_dir_name=TEXT_FEATURES_FILE,
         )
