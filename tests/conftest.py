@@ -48,6 +48,24 @@ def job_config(config_name: str, tmp_path: Path, overrides: list[str] | None = N
     return cfg
 
 
+def quiet_trainer(root, max_steps: int, **kw):
+    """A Lightning ``Trainer`` for tests: one CPU device (unless ``kw`` says otherwise), no
+    logger, checkpoints, progress bar or model summary; ``kw`` overrides any of it."""
+    import lightning as L
+
+    settings = dict(
+        default_root_dir=str(root),
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return L.Trainer(**{**settings, **kw})
+
+
 def tiny_controlnet(unet, seed: int = 1):
     """A ControlNet of ``unet`` (diffusers' ``from_unet``) whose output convolutions are random:
     ``from_unet`` zero-initialises them, and a ControlNet that adds nothing tests nothing."""

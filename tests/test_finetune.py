@@ -17,21 +17,17 @@ from idgen.modules.diffusion_loss import denoising_loss
 from idgen.modules.ema import EMA
 from idgen.modules.sd_parts import encode_images, save_text_features
 from idgen.toyworld.demo import DemoDomainDataModule
+from tests.conftest import quiet_trainer
 
 
 def _trainer(tmp_path, max_steps: int, callbacks=(), ema: float | None = 0.9, **kw) -> L.Trainer:
     """``ema``: the decay of the EMAWeights callback added to ``callbacks`` (None: no EMA)."""
     callbacks = [*callbacks, *([EMAWeights(decay=ema)] if ema is not None else [])]
-    return L.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
+    return quiet_trainer(
+        tmp_path,
+        max_steps,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         callbacks=list(callbacks),
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
         **kw,

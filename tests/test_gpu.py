@@ -24,6 +24,7 @@ from idgen.models import NullTextUNet, build_tiny_sd
 from idgen.modules import NullTextFinetuneModule
 from idgen.pipelines import InDomainPipeline
 from idgen.toyworld.demo import DemoDomainDataModule
+from tests.conftest import quiet_trainer
 
 pytestmark = pytest.mark.gpu
 DEVICE = os.environ.get("IDGEN_GPU_TEST_DEVICE", "cuda")
@@ -84,18 +85,13 @@ def test_amp_null_text_finetuning_steps_are_finite(tmp_path, precision):
         export_on_fit_end=False,
         output_dir=str(tmp_path / "run"),
     )
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
+        tmp_path / "run",
+        4,
         accelerator=ACCELERATOR,
-        devices=1,
         precision=precision,
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        default_root_dir=str(tmp_path / "run"),
     )
     data = DemoDomainDataModule(root=str(tmp_path / "demo"), num_images=16, batch_size=4)
     before = None
@@ -126,6 +122,7 @@ DDP_SCRIPT = textwrap.dedent(
     from lightning.pytorch.strategies import DDPStrategy
 
     from idgen.toyworld.demo import DemoDomainDataModule
+    from tests.conftest import quiet_trainer
     from idgen.models import build_tiny_sd
     from idgen.modules import NullTextFinetuneModule
 
@@ -138,12 +135,10 @@ DDP_SCRIPT = textwrap.dedent(
         output_dir=str(out / "run"),
     )
     backend = "nccl" if accelerator == "gpu" else "gloo"
-    trainer = L.Trainer(
-        accelerator=accelerator, devices=1, precision="bf16-mixed", max_steps=3,
+    trainer = quiet_trainer(
+        out / "run", 3, accelerator=accelerator, precision="bf16-mixed",
         strategy=DDPStrategy(process_group_backend=backend, find_unused_parameters=False),
-        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        default_root_dir=str(out / "run"),
+        num_sanity_val_steps=0, limit_val_batches=0,
     )
     trainer.fit(module, datamodule=DemoDomainDataModule(root=str(out / "demo"), num_images=16,
                                                         batch_size=4))

@@ -14,20 +14,11 @@ from idgen.modules import TextFeatureInversionModule
 from idgen.modules.diffusion_loss import add_noise, denoising_target, min_snr_weights, snr
 from idgen.modules.sd_parts import load_text_features, read_text_features_metadata
 from idgen.toyworld.demo import DemoDomainDataModule
+from tests.conftest import quiet_trainer
 
 
 def _trainer(tmp_path, max_steps: int, **kw) -> L.Trainer:
-    return L.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kw,
-    )
+    return quiet_trainer(tmp_path, max_steps, **kw)
 
 
 def _data(tmp_path, n=16, batch=8):

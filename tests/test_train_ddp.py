@@ -24,6 +24,7 @@ SCRIPT = textwrap.dedent(
 
     from idgen.callbacks.ema import EMAWeights
     from idgen.toyworld.demo import DemoDomainDataModule
+    from tests.conftest import quiet_trainer
     from idgen.models import build_tiny_sd
     from idgen.modules import NullTextFinetuneModule
     from idgen.sampling import DecoupledGuidanceSampling, SamplerSettings
@@ -42,19 +43,10 @@ SCRIPT = textwrap.dedent(
         every_n_train_steps=2,
         val_prompts=["a photo of a red circle"],
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
+    trainer = quiet_trainer(
+        out / "run", 3, devices=2,
         strategy=DDPStrategy(process_group_backend="gloo", find_unused_parameters=False),
-        max_steps=3,
-        callbacks=[sampling, EMAWeights(decay=0.9)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=str(out / "run"),
+        callbacks=[sampling, EMAWeights(decay=0.9)], num_sanity_val_steps=0, limit_val_batches=0,
     )
     data = DemoDomainDataModule(root=str(out / "demo"), num_images=16, batch_size=4)
     trainer.fit(module, datamodule=data)
