@@ -15,16 +15,17 @@ import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from idgen import CONFIG_DIR
-from idgen.callbacks.log_media import finish_loggers, instantiate_loggers
 from idgen.metrics.clip import Attribute
 from idgen.metrics.evaluation import evaluate_folder
 from idgen.metrics.results import write_metrics
 from idgen.metrics.sample_hook import sample_first, sample_overrides  # noqa: F401 (re-export)
+from idgen.preflight import validate_eval
 from idgen.utils.io import atomic_write_text
+from idgen.utils.log_media import finish_loggers, instantiate_loggers
 from idgen.utils.task import console_main, task_wrapper
-from idgen.utils.validation import validate_eval
 
 log = logging.getLogger(__name__)
 
@@ -35,36 +36,45 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def evaluate(cfg: DictConfig) -> dict:
-    """Compute the configured metrics, write metrics.json in the run dir, log them; return them."""
-    validate_eval(cfg)  # folders, numbers, device: before any image or extractor is read
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    job_cfg = OmegaConf.masked_copy(
-        cfg, [k for k in cfg if k != "hydra"]
-    )  # hydra's own node is not ours
-    atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(job_cfg, resolve=True))
+def write_job_config(cfg: DictConfig, output_dir: Path) -> DictConfig:
+    """Create ``output_dir`` and write the resolved job config to its config.yaml (atomic).
 
-    # 1. the samples: a given folder, or sampled now
+    Returns that job config: ``cfg`` without Hydra's own node, which is not ours.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(job_cfg, resolve=True))
+    return job_cfg
+
+
+def samples_folder(cfg: DictConfig, output_dir: Path) -> Path:
+    """The folder to evaluate: ``cfg.samples_dir``, or sampled now into ``output_dir`` when
+    ``cfg.sample`` is set; clear error if neither is."""
     if cfg.sample is not None:
-        samples_dir = sample_first(cfg.sample, output_dir)
-    elif cfg.samples_dir is None:
+        return sample_first(cfg.sample, output_dir)
+    if cfg.samples_dir is None:
         raise ValueError(
             "set samples_dir=<folder of generated images> (or configure `sample` to sample first)."
         )
-    else:
-        samples_dir = Path(cfg.samples_dir)
+    return Path(cfg.samples_dir)
 
-    # 2. the metrics
+
+def fid_setup(fid: DictConfig | None) -> tuple[nn.Module | None, dict | None]:
+    """The FID/KID feature extractor (instantiated: its weights are read) and the KID options,
+    or ``(None, None)`` when FID is off."""
+    if fid is None:
+        return None, None
+    extractor = instantiate(fid.extractor)
+    return extractor, {k: fid[k] for k in ("kid", "kid_subsets", "kid_subset_size")}
+
+
+def compute_metrics(cfg: DictConfig, samples_dir: Path) -> dict:
+    """:func:`evaluate_folder` of ``samples_dir`` with the metrics ``cfg.metrics`` configures."""
     m = cfg.metrics
-    fid_options = None
-    extractor = None
-    if m.fid is not None:
-        extractor = instantiate(m.fid.extractor)
-        fid_options = {k: m.fid[k] for k in ("kid", "kid_subsets", "kid_subset_size")}
+    extractor, fid_options = fid_setup(m.fid)
     attributes = [Attribute(**a) for a in m.attributes] if m.attributes else None
     canny = OmegaConf.to_container(m.canny, resolve=True) if m.canny is not None else None
-    results = evaluate_folder(
+    return evaluate_folder(
         samples_dir,
         reference_dir=cfg.reference_dir,
         extractor=extractor,
@@ -80,32 +90,59 @@ def evaluate(cfg: DictConfig) -> dict:
         seed=cfg.seed,
         extra_metrics=[instantiate(node) for node in (m.get("extra") or {}).values()],
     )
-    if cfg.sample is not None:
-        results["params"] = {k: cfg.sample.get(k) for k in ("w_d", "w_c")}
 
-    # 3. record: metrics.json (atomic) and the loggers
-    write_metrics(output_dir, results)
-    scalars = {
+
+def sample_params(sample: DictConfig) -> dict:
+    """The guidance weights the samples were drawn with (a sweep's axes), for metrics.json."""
+    return {k: sample.get(k) for k in ("w_d", "w_c")}
+
+
+def eval_scalars(results: dict) -> dict[str, float]:
+    """The numeric results as ``eval/<name>`` floats for the loggers (flags are not metrics)."""
+    return {
         f"eval/{k}": float(v)
         for k, v in results.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool)
     }
-    loggers = instantiate_loggers(cfg.get("logger"))
+
+
+def log_to_loggers(logger_cfg: DictConfig | None, job_cfg: DictConfig, scalars: dict) -> None:
+    """Log the job config and ``scalars`` (step 0) to each configured logger, then finish them."""
+    loggers = instantiate_loggers(logger_cfg)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(job_cfg, resolve=True))
         logger.log_metrics(scalars, step=0)
     finish_loggers(loggers)  # one wandb run per sweep job, grouped by the sweep dir
+
+
+def log_headline(results: dict, metrics_path: Path) -> None:
+    """One log line: the sample count, the headline metrics present, and where they are."""
     summary = ", ".join(
         f"{k}={results[k]:.4g}"
         for k in ("fid", "kid_mean", "clip_score", "attribute_alignment", "canny_discrepancy")
         if k in results
     )
-    log.info(
-        "metrics (n=%d samples): %s -> %s",
-        results["num_samples"],
-        summary,
-        output_dir / "metrics.json",
-    )
+    log.info("metrics (n=%d samples): %s -> %s", results["num_samples"], summary, metrics_path)
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Compute the configured metrics, write metrics.json in the run dir, log them; return them."""
+    validate_eval(cfg)  # folders, numbers, device: before any image or extractor is read
+    output_dir = Path(cfg.paths.output_dir)
+    job_cfg = write_job_config(cfg, output_dir)
+
+    # 1. the samples: a given folder, or sampled now
+    samples_dir = samples_folder(cfg, output_dir)
+
+    # 2. the metrics
+    results = compute_metrics(cfg, samples_dir)
+    if cfg.sample is not None:
+        results["params"] = sample_params(cfg.sample)
+
+    # 3. record: metrics.json (atomic) and the loggers
+    metrics_path = write_metrics(output_dir, results)
+    log_to_loggers(cfg.get("logger"), job_cfg, eval_scalars(results))
+    log_headline(results, metrics_path)
     return results
 
 

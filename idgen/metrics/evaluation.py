@@ -123,6 +123,92 @@ def canny_metrics(
     }
 
 
+def fid_kid_metrics(
+    paths: Sequence[Path],
+    reference_dir: str | os.PathLike | None,
+    extractor: nn.Module,
+    fid_options: dict | None,
+    *,
+    resolution: int | None,
+    cache_dir: str | os.PathLike | None,
+    batch_size: int,
+    device: str | torch.device,
+    seed: int,
+    scan_cache_dir: str | os.PathLike | None,
+) -> dict:
+    """FID/KID of ``paths`` against ``reference_dir``; clear error if there is none.
+
+    ``fid_options`` are :func:`fid_kid`'s KID options (``kid``, ``kid_subsets``,
+    ``kid_subset_size``); the reference features are cached in ``cache_dir``.
+    """
+    if reference_dir is None:
+        raise ValueError("FID/KID need reference_dir=<folder of domain images>.")
+    return fid_kid(
+        paths,
+        reference_dir,
+        extractor,
+        resolution,
+        cache_dir,
+        batch_size,
+        device,
+        seed=seed,
+        scan_cache_dir=scan_cache_dir,
+        **dict(fid_options or {}),
+    )
+
+
+def clip_metrics(
+    samples_dir: str | os.PathLike,
+    paths: Sequence[Path],
+    clip_model: str | os.PathLike,
+    attributes: Sequence[Attribute] | None,
+    resolution: int | None,
+    batch_size: int,
+    device: str | torch.device,
+) -> dict:
+    """CLIP score of each sample with its own prompt and, given ``attributes``, attribute alignment."""
+    prompts = sample_prompts(samples_dir, paths)
+    images = [load_uint8(p, resolution) for p in paths]
+    results: dict = {
+        "clip_score": clip_score(images, prompts, clip_loader(clip_model), batch_size, device),
+        "clip_num_samples": len(images),
+        "clip_model": str(clip_model),
+    }
+    if attributes:
+        model, processor = load_clip(clip_model)
+        results.update(
+            attribute_alignment(images, prompts, attributes, model, processor, batch_size, device)
+        )
+    return results
+
+
+def condition_canny_metrics(paths: Sequence[Path], canny_options: dict) -> dict:
+    """Canny discrepancy of each sample against its control condition.
+
+    ``canny_options`` holds ``conditions_dir`` (required: clear error if unset) and
+    :func:`canny_metrics`' ``low``, ``high``, ``condition_is_edges``.
+    """
+    opts = dict(canny_options)
+    if not opts.get("conditions_dir"):
+        raise ValueError(
+            "canny discrepancy needs metrics.canny.conditions_dir=<folder of canny conditions>."
+        )
+    pairs = match_conditions(paths, opts.pop("conditions_dir"))
+    return canny_metrics(pairs, **opts)
+
+
+def extra_suite_metrics(
+    paths: list[Path],
+    samples_dir: Path,
+    extra_metrics: Sequence[Callable[[list[Path], Path], dict]],
+) -> dict:
+    """The merged results of each ``metric(paths, samples_dir)`` of ``extra_metrics``, in order."""
+    results: dict = {}
+    for metric in extra_metrics:
+        results.update(metric(paths, samples_dir))
+    return results
+
+
 def evaluate_folder(
     samples_dir: str | os.PathLike,
     reference_dir: str | os.PathLike | None = None,
@@ -153,54 +239,33 @@ def evaluate_folder(
 
     # 1. FID / KID against the reference folder (reference features cached)
     if extractor is not None:
-        if reference_dir is None:
-            raise ValueError("FID/KID need reference_dir=<folder of domain images>.")
-        opts = dict(fid_options or {})
         results.update(
-            fid_kid(
+            fid_kid_metrics(
                 paths,
                 reference_dir,
                 extractor,
-                resolution,
-                cache_dir,
-                batch_size,
-                device,
+                fid_options,
+                resolution=resolution,
+                cache_dir=cache_dir,
+                batch_size=batch_size,
+                device=device,
                 seed=seed,
                 scan_cache_dir=scan_cache_dir,
-                **opts,
             )
         )
 
     # 2. CLIP score of each sample with its own prompt, and attribute alignment
     if clip_model is not None:
-        prompts = sample_prompts(samples_dir, paths)
-        images = [load_uint8(p, resolution) for p in paths]
-        results["clip_score"] = clip_score(
-            images, prompts, clip_loader(clip_model), batch_size, device
+        results.update(
+            clip_metrics(samples_dir, paths, clip_model, attributes, resolution, batch_size, device)
         )
-        results["clip_num_samples"] = len(images)
-        results["clip_model"] = str(clip_model)
-        if attributes:
-            model, processor = load_clip(clip_model)
-            results.update(
-                attribute_alignment(
-                    images, prompts, attributes, model, processor, batch_size, device
-                )
-            )
     elif attributes:
         raise ValueError("attribute alignment needs a CLIP model: set metrics.clip.model.")
 
     # 3. canny discrepancy against the control conditions
     if canny_options is not None:
-        opts = dict(canny_options)
-        if not opts.get("conditions_dir"):
-            raise ValueError(
-                "canny discrepancy needs metrics.canny.conditions_dir=<folder of canny conditions>."
-            )
-        pairs = match_conditions(paths, opts.pop("conditions_dir"))
-        results.update(canny_metrics(pairs, **opts))
+        results.update(condition_canny_metrics(paths, canny_options))
 
     # 4. metrics of other suites (conf/metrics/*.yaml `extra`)
-    for metric in extra_metrics or ():
-        results.update(metric(paths, Path(samples_dir)))
+    results.update(extra_suite_metrics(paths, Path(samples_dir), extra_metrics or ()))
     return results

@@ -181,6 +181,80 @@ def montage_cells(jobs: list[dict], x: str, y: str) -> tuple[dict, list, list]:
     return cells, xs, ys
 
 
+def summary_csv(jobs: list[dict], params: list[str], metrics: list[str]) -> str:
+    """summary.csv's text: a header, then one row per job (its swept params and metrics)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["job", *params, *metrics])
+    for j in jobs:
+        writer.writerow(
+            [
+                j["job"],
+                *(j["params"].get(p, "") for p in params),
+                *(j["metrics"].get(m, "") for m in metrics),
+            ]
+        )
+    return buf.getvalue()
+
+
+def best_points(jobs: list[dict], params: list[str]) -> list[str]:
+    """A markdown bullet per heatmap metric some job scored: its best value and where."""
+    lines = []
+    for m in HEATMAP_METRICS:
+        b = best_job(jobs, m)
+        if b is not None:
+            where = ", ".join(f"{p}={b['params'].get(p)}" for p in params)
+            n = b["metrics"].get("num_samples")
+            lines.append(
+                f"- best {m}: **{_fmt(b['metrics'][m])}** at {where} (job {b['job']}, n={n})"
+            )
+    return lines
+
+
+def summary_markdown(
+    name: str, jobs: list[dict], params: list[str], metrics: list[str]
+) -> list[str]:
+    """summary.md's lines before the figures: title, job count, best points, the full table."""
+    head = [f"# Sweep summary: {name}", "", f"{len(jobs)} finished jobs.", ""]
+    return [*head, *best_points(jobs, params), "", markdown_table(jobs, params, metrics), ""]
+
+
+def write_heatmaps(sweep_dir: Path, jobs: list[dict], x: str, y: str) -> dict[str, Path]:
+    """heatmap_<metric>.png over ``y`` x ``x`` for each heatmap metric some job scored, best
+    cell framed; returns the written paths by metric."""
+    written: dict[str, Path] = {}
+    for m in HEATMAP_METRICS:
+        if not any(_finite(j["metrics"].get(m)) for j in jobs):
+            continue
+        grid, xs, ys, best = grid_of(jobs, m, x, y)
+        better = "higher" if m in HIGHER_IS_BETTER else "lower"
+        title = f"{m} ({better} is better) over {y} x {x}"
+        fig = heatmap_figure(
+            grid, xs, ys, x, y, title, best, higher_is_better=m in HIGHER_IS_BETTER
+        )
+        written[m] = save_figure_atomic(fig, sweep_dir / f"heatmap_{m}.png")
+    return written
+
+
+def write_montage(sweep_dir: Path, jobs: list[dict], x: str, y: str, per_cell: int) -> Path | None:
+    """montage.png: the first ``per_cell`` samples of every grid point (same seeds in every
+    cell); None when no job's samples folder is found."""
+    cells, xs, ys = montage_cells(jobs, x, y)
+    per_cell = min(per_cell, max((len(files) for files in cells.values()), default=0))
+    if not (cells and per_cell):
+        return None
+    path, _ = draw_montage(
+        cells, xs, ys, x.split(".")[-1], y.split(".")[-1], sweep_dir / "montage.png",
+        per_cell=per_cell, title=f"{sweep_dir.name}: first {per_cell} samples per point",
+    )  # fmt: skip
+    return path
+
+
+def image_links(images: dict[str, Path]) -> list[str]:
+    """Markdown lines showing each image (named by its key) from beside it, a blank after each."""
+    return [line for name, path in images.items() for line in (f"![{name}]({path.name})", "")]
+
+
 def summarize(
     sweep_dir: str | os.PathLike,
     x: str | None = None,
@@ -198,56 +272,25 @@ def summarize(
     written: dict[str, Path] = {}
 
     # 1. one csv row per job
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["job", *params, *metrics])
-    for j in jobs:
-        writer.writerow(
-            [
-                j["job"],
-                *(j["params"].get(p, "") for p in params),
-                *(j["metrics"].get(m, "") for m in metrics),
-            ]
-        )
-    written["csv"] = atomic_write_text(sweep_dir / "summary.csv", buf.getvalue())
+    written["csv"] = atomic_write_text(
+        sweep_dir / "summary.csv", summary_csv(jobs, params, metrics)
+    )
 
     # 2. markdown: best points, then the full table
-    md = [f"# Sweep summary: {sweep_dir.name}", "", f"{len(jobs)} finished jobs.", ""]
-    for m in HEATMAP_METRICS:
-        b = best_job(jobs, m)
-        if b is not None:
-            where = ", ".join(f"{p}={b['params'].get(p)}" for p in params)
-            n = b["metrics"].get("num_samples")
-            md.append(f"- best {m}: **{_fmt(b['metrics'][m])}** at {where} (job {b['job']}, n={n})")
-    md += ["", markdown_table(jobs, params, metrics), ""]
+    md = summary_markdown(sweep_dir.name, jobs, params, metrics)
 
     # 3. heatmaps over the two grid axes, best cell framed
     axes = _pick_axes(params, x, y)
     if axes is not None:
-        xa, ya = axes
-        for m in HEATMAP_METRICS:
-            if not any(_finite(j["metrics"].get(m)) for j in jobs):
-                continue
-            grid, xs, ys, best = grid_of(jobs, m, xa, ya)
-            better = "higher" if m in HIGHER_IS_BETTER else "lower"
-            title = f"{m} ({better} is better) over {ya} x {xa}"
-            fig = heatmap_figure(
-                grid, xs, ys, xa, ya, title, best, higher_is_better=m in HIGHER_IS_BETTER
-            )
-            path = save_figure_atomic(fig, sweep_dir / f"heatmap_{m}.png")
-            written[f"heatmap_{m}"] = path
-            md += [f"![{m}]({path.name})", ""]
+        heatmaps = write_heatmaps(sweep_dir, jobs, *axes)
+        written.update({f"heatmap_{m}": path for m, path in heatmaps.items()})
+        md += image_links(heatmaps)
 
         # 4. montage: the first samples of every grid point (same seeds in every cell)
-        cells, xs, ys = montage_cells(jobs, xa, ya)
-        per_cell = min(per_cell, max((len(files) for files in cells.values()), default=0))
-        if cells and per_cell:
-            path, _ = draw_montage(
-                cells, xs, ys, xa.split(".")[-1], ya.split(".")[-1], sweep_dir / "montage.png",
-                per_cell=per_cell, title=f"{sweep_dir.name}: first {per_cell} samples per point",
-            )  # fmt: skip
-            written["montage"] = path
-            md += ["![montage](montage.png)", ""]
+        montage = write_montage(sweep_dir, jobs, *axes, per_cell)
+        if montage is not None:
+            written["montage"] = montage
+            md += image_links({"montage": montage})
     written["markdown"] = atomic_write_text(sweep_dir / "summary.md", "\n".join(md))
     return written
 
