@@ -123,40 +123,6 @@ def canny_metrics(
     }
 
 
-def fid_kid_metrics(
-    paths: Sequence[Path],
-    reference_dir: str | os.PathLike | None,
-    extractor: nn.Module,
-    fid_options: dict | None,
-    *,
-    resolution: int | None,
-    cache_dir: str | os.PathLike | None,
-    batch_size: int,
-    device: str | torch.device,
-    seed: int,
-    scan_cache_dir: str | os.PathLike | None,
-) -> dict:
-    """FID/KID of ``paths`` against ``reference_dir``; clear error if there is none.
-
-    ``fid_options`` are :func:`fid_kid`'s KID options (``kid``, ``kid_subsets``,
-    ``kid_subset_size``); the reference features are cached in ``cache_dir``.
-    """
-    if reference_dir is None:
-        raise ValueError("FID/KID need reference_dir=<folder of domain images>.")
-    return fid_kid(
-        paths,
-        reference_dir,
-        extractor,
-        resolution,
-        cache_dir,
-        batch_size,
-        device,
-        seed=seed,
-        scan_cache_dir=scan_cache_dir,
-        **dict(fid_options or {}),
-    )
-
-
 def clip_metrics(
     samples_dir: str | os.PathLike,
     paths: Sequence[Path],
@@ -239,20 +205,11 @@ def evaluate_folder(
 
     # 1. FID / KID against the reference folder (reference features cached)
     if extractor is not None:
-        results.update(
-            fid_kid_metrics(
-                paths,
-                reference_dir,
-                extractor,
-                fid_options,
-                resolution=resolution,
-                cache_dir=cache_dir,
-                batch_size=batch_size,
-                device=device,
-                seed=seed,
-                scan_cache_dir=scan_cache_dir,
-            )
-        )
+        if reference_dir is None:
+            raise ValueError("FID/KID need reference_dir=<folder of domain images>.")
+        fid = fid_kid(paths, reference_dir, extractor, resolution, cache_dir, batch_size, device,
+                      seed=seed, scan_cache_dir=scan_cache_dir, **dict(fid_options or {}))  # fmt: skip
+        results.update(fid)
 
     # 2. CLIP score of each sample with its own prompt, and attribute alignment
     if clip_model is not None:
