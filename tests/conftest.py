@@ -48,6 +48,33 @@ def job_config(config_name: str, tmp_path: Path, overrides: list[str] | None = N
     return cfg
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_python(
+    args: list[str],
+    cwd: Path,
+    *,
+    root: Path | None = None,
+    pythonpath: tuple[Path, ...] = (),
+    timeout: int = 600,
+    **env: str,
+):
+    """``python <args>`` in ``cwd`` as a user runs it, offline (no hub, wandb offline), with the
+    repository (and ``pythonpath``) importable; ``root`` sets ``IDGEN_ROOT`` (where ``paths.*``
+    point), ``env`` adds variables. Returns the ``CompletedProcess``; callers assert on it."""
+    import subprocess
+
+    full = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", **env)
+    paths = [*map(str, pythonpath), str(REPO), os.environ.get("PYTHONPATH", "")]
+    full["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    full.pop("LOCAL_RANK", None)  # a test under a launcher must not look like a DDP rank
+    if root is not None:
+        full["IDGEN_ROOT"] = str(root)
+    cmd = [sys.executable, *args]
+    return subprocess.run(cmd, cwd=cwd, env=full, capture_output=True, text=True, timeout=timeout)
+
+
 def quiet_trainer(root, max_steps: int, **kw):
     """A Lightning ``Trainer`` for tests: one CPU device (unless ``kw`` says otherwise), no
     logger, checkpoints, progress bar or model summary; ``kw`` overrides any of it."""
@@ -124,29 +151,18 @@ def stand_in_sweep(tmp_path):
     writes a folder of demo reference images and ``stand_in_sampler.py`` under ``tmp_path``,
     runs ``idgen-eval hparams_search=<search>`` offline with the stand-in sampler (fast, no
     model) into ``sweep_dir``, asserts it succeeded and returns the reference folder."""
-    import subprocess
-
     from idgen.toyworld.demo import make_demo_domain
 
     def run(search: str, sweep_dir: Path, *overrides: str, num_images: int = 6) -> Path:
         ref = make_demo_domain(tmp_path / "ref", num_images=num_images, resolution=64, seed=0)
         (tmp_path / "stand_in_sampler.py").write_text(STAND_IN_SAMPLER)
-        env = dict(
-            os.environ,
-            HF_HUB_OFFLINE="1",
-            WANDB_MODE="offline",
-            IDGEN_ROOT=str(tmp_path),
-            PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
-        )
         cmd = [
-            sys.executable, "-m", "idgen.evaluate", f"hparams_search={search}",
+            "-m", "idgen.evaluate", f"hparams_search={search}",
             f"hydra.sweep.dir={sweep_dir}", f"reference_dir={ref}", "device=cpu",
             "sample.module=stand_in_sampler", "sample.in_process=false",
             f"sample.overrides=['ref={ref}']", *overrides,
         ]  # fmt: skip
-        out = subprocess.run(
-            cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-        )
+        out = run_python(cmd, tmp_path, root=tmp_path, pythonpath=(tmp_path,))
         assert out.returncode == 0, out.stderr[-3000:]
         return ref
 

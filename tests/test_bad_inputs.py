@@ -7,8 +7,6 @@ one line) in-process; one case per CLI also runs as a subprocess for the real ex
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,9 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from idgen.preflight import validate_eval, validate_sample, validate_train
 from idgen.utils.task import accept_null_groups
 from idgen.utils.validation import ConfigError
-from tests.conftest import compose_config
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, compose_config, run_python
 
 
 @pytest.fixture
@@ -207,9 +203,8 @@ def test_idgen_sample_cli_exit_code(places, monkeypatch, capsys):
 @pytest.mark.slow
 def test_subprocess_exit_status_and_single_line(places):
     """The installed entry point's real exit status and stderr (no Hydra traceback)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", IDGEN_ROOT=str(places))
-    cmd = [sys.executable, "-m", "idgen.train", f"hydra.run.dir={places / 'run'}", "stage=bogus"]
-    result = subprocess.run(cmd, cwd=places, env=env, capture_output=True, text=True, timeout=300)
+    cmd = ["-m", "idgen.train", f"hydra.run.dir={places / 'run'}", "stage=bogus"]
+    result = run_python(cmd, places, root=places, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: stage='bogus'")
     assert "Traceback" not in result.stderr

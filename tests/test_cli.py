@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import run_python
 
 
 def run_cli(module: str, tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", IDGEN_ROOT=str(tmp_path))
-    cmd = [sys.executable, "-m", module, f"hydra.run.dir={tmp_path / 'run'}", *overrides]
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    return run_python(
+        ["-m", module, f"hydra.run.dir={tmp_path / 'run'}", *overrides], tmp_path, root=tmp_path
+    )
 
 
 def test_train_cli_writes_data_and_base_grid(tmp_path):

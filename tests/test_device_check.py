@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
 SCRIPT = REPO / "benchmarks" / "device_check.py"
 WHEELS = REPO / "benchmarks" / "wheels"
 # import name -> distribution name, for what the GPU machine lacks

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +13,9 @@ from idgen.evaluate import evaluate, main
 from idgen.metrics import TinyFeatureExtractor, fid_kid, list_images
 from idgen.toyworld.demo import make_demo_domain
 from idgen.utils.io import save_image_atomic
-from tests.conftest import compose_config
+from tests.conftest import compose_config, run_python
 from tests.test_metrics_clip import tiny_clip_dir  # noqa: F401  (fixture)
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo of a red circle", "a photo of a blue square"]
 
 
@@ -144,16 +140,14 @@ def test_eval_clear_errors(tmp_path, folders):
 
 def test_eval_cli_writes_metrics_line(tmp_path, folders):
     ref, samples = folders
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", IDGEN_ROOT=str(tmp_path))
     cmd = [
-        sys.executable,
         "-m",
         "idgen.evaluate",
         f"hydra.run.dir={tmp_path / 'cli'}",
         f"samples_dir={samples}",
         f"reference_dir={ref}",
     ]
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = run_python(cmd, tmp_path, root=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "metrics (n=8 samples): fid=" in out.stdout + out.stderr
     assert json.loads((tmp_path / "cli" / "metrics.json").read_text())["num_samples"] == 8

@@ -10,10 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -24,12 +21,11 @@ from idgen.models import NullTextUNet, build_tiny_sd
 from idgen.modules import NullTextFinetuneModule
 from idgen.pipelines import InDomainPipeline
 from idgen.toyworld.demo import DemoDomainDataModule
-from tests.conftest import quiet_trainer
+from tests.conftest import quiet_trainer, run_python
 
 pytestmark = pytest.mark.gpu
 DEVICE = os.environ.get("IDGEN_GPU_TEST_DEVICE", "cuda")
 ACCELERATOR = "gpu" if DEVICE == "cuda" else "cpu"
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -154,17 +150,7 @@ def test_ddp_on_one_gpu_trains_without_unused_parameters(tmp_path):
     parameter without a gradient, so DDP's reducer does not fail."""
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env.pop("LOCAL_RANK", None)
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), ACCELERATOR],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_python([str(script), str(tmp_path), ACCELERATOR], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = torch.load(tmp_path / "result.pt", weights_only=True)
     assert result == {"step": 3, "world": 1, "finite": True, "strategy": "DDPStrategy"}

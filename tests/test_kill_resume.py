@@ -7,16 +7,15 @@ every step exactly once with the same losses, and no temp file may remain.
 from __future__ import annotations
 
 import csv
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import run_python
+
 COMMON = [
     "stage=finetune",
     "preview.enabled=false",
@@ -33,15 +32,7 @@ COMMON = [
 
 
 def run_train(root: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        WANDB_MODE="offline",
-        OMP_NUM_THREADS="1",  # bit-exact CPU results across processes
-        PYTHONPATH=str(REPO),  # tests.kill_helpers
-    )
     cmd = [
-        sys.executable,
         "-m",
         "idgen.train",
         f"hydra.run.dir={root / 'run'}",
@@ -49,7 +40,8 @@ def run_train(root: Path, *overrides: str) -> subprocess.CompletedProcess:
         *COMMON,
         *overrides,
     ]
-    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    # one thread: bit-exact CPU results across processes; the repo importable: tests.kill_helpers
+    return run_python(cmd, root, timeout=900, OMP_NUM_THREADS="1")
 
 
 def final_state(run: Path) -> dict[str, torch.Tensor]:

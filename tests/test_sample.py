@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +22,7 @@ from idgen.sampling import (
     image_seed,
     read_prompts,
 )
-from tests.conftest import compose_config
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import compose_config, run_python
 
 
 @pytest.fixture(scope="module")
@@ -139,16 +135,14 @@ def test_sample_writes_pngs_index_grids_and_resumes(tmp_path, domain_dir):
 def _run_cli(tmp_path: Path, run_dir: Path, overrides: list[str]) -> None:
     # One CPU thread per process in both runs: Lightning gives each DDP process
     # cpus // processes threads, and a different thread count rounds floats differently.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable,
         "-m",
         "idgen.sample",
         *overrides,
         f"paths.root_dir={tmp_path}",
         f"hydra.run.dir={run_dir}",
     ]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_python(cmd, tmp_path, OMP_NUM_THREADS="1")
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 

@@ -10,9 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +19,7 @@ from PIL import Image
 
 from idgen.models import NullTextUNet, build_tiny_sd
 from idgen.toyworld.demo import make_demo_domain
+from tests.conftest import run_python
 
 GRID_W_D = (0.0, 2.0)
 GRID_W_C = (1.0, 3.0)
@@ -42,17 +40,16 @@ def run_guidance_sweep(tmp_path: Path, extra: list[str] = ()) -> Path:
     ref = make_demo_domain(tmp_path / "ref", num_images=8, resolution=64, seed=0)
     domain = export_domain_model(tmp_path / "domain_model")
     sweep = tmp_path / "sweep"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", IDGEN_ROOT=str(tmp_path))
     # the documented form (conf/hparams_search/guidance_grid.yaml): sample.<field>=...
     cmd = [
-        sys.executable, "-m", "idgen.evaluate", "hparams_search=guidance_grid",
+        "-m", "idgen.evaluate", "hparams_search=guidance_grid",
         f"hydra.sweep.dir={sweep}", f"reference_dir={ref}", "device=cpu",
         f"sample.domain_model={domain}", "sample.images_per_prompt=1", "sample.batch_size=2",
         "sample.steps=2",
         "sample.w_d=" + ",".join(map(str, GRID_W_D)), "sample.w_c=" + ",".join(map(str, GRID_W_C)),
         *extra,
     ]  # fmt: skip
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    out = run_python(cmd, tmp_path, root=tmp_path, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     return sweep
 

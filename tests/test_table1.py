@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.conftest import REPO
+
 from .conftest import compose_config
 
-REPO = Path(__file__).resolve().parents[1]
 TABLE1 = REPO / "experiments" / "table1"
 
 

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import run_python
 
 SCRIPT = textwrap.dedent(
     """
@@ -65,16 +61,7 @@ SCRIPT = textwrap.dedent(
 def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(SCRIPT)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", PYTHONPATH=str(REPO))
-    env.pop("LOCAL_RANK", None)
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_python([str(script), str(tmp_path)], tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
@@ -99,8 +86,6 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
 @pytest.mark.slow
 def test_idgen_train_demo_under_ddp_sim(tmp_path):
     """The CLI under trainer=ddp_sim: Lightning relaunches the Hydra job; both stages finish."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", IDGEN_ROOT=str(tmp_path))
-    env.pop("LOCAL_RANK", None)
     overrides = [
         "experiment=demo",
         "trainer=ddp_sim",
@@ -115,14 +100,7 @@ def test_idgen_train_demo_under_ddp_sim(tmp_path):
         "callbacks.decoupled_sampling.settings.num_inference_steps=2",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
-    result = subprocess.run(
-        [sys.executable, "-m", "idgen.train", *overrides],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_python(["-m", "idgen.train", *overrides], tmp_path, root=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     run = tmp_path / "run"
     assert (run / "inversion" / "text_features.safetensors").is_file()
