@@ -18,6 +18,7 @@ from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from idgen.models import build_tiny_sd
+from idgen.models.loading import sd_pipeline
 from idgen.models.tiny import SD15_SCHEDULER_CONFIG, SD15_UNET_LAYOUT, SD15_VAE_LAYOUT
 from idgen.models.tokenizer import build_tiny_clip_tokenizer
 
@@ -78,18 +79,7 @@ def build_sd(
         unet = UNet2DConditionModel(**SD15_UNET)
         vae = AutoencoderKL(**SD15_VAE)
         text_encoder = CLIPTextModel(text_config)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=PNDMScheduler(**SD15_SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return sd_pipeline(vae, text_encoder, tokenizer, unet, PNDMScheduler(**SD15_SCHEDULER_CONFIG))
 
 
 def native_resolution(sd: StableDiffusionPipeline) -> int:

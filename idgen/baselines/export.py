@@ -25,6 +25,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
 from idgen.baselines.methods import BaselineMethod, method_class
+from idgen.models.loading import sd_pipeline
 from idgen.utils.io import replace_dir
 
 METADATA_FILE = "idgen_baseline.json"
@@ -89,27 +90,16 @@ def load_baseline_pipeline(
     method = method_class(meta["method"])
     learns_token = meta.get("token") is not None
     changes_unet = method.name != "textual_inversion"
-    pipe = StableDiffusionPipeline(
-        vae=base_pipeline.vae,
-        text_encoder=(
-            copy.deepcopy(base_pipeline.text_encoder)
-            if learns_token
-            else base_pipeline.text_encoder
-        ),
-        tokenizer=copy.deepcopy(base_pipeline.tokenizer)
-        if learns_token
-        else base_pipeline.tokenizer,
-        unet=(
-            copy.deepcopy(base_pipeline.unet)
-            if changes_unet and method.name != "finetune"
-            else base_pipeline.unet
-        ),
-        scheduler=base_pipeline.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    # copies of what the adaptation changes; the frozen rest is shared with the base
+    pipe = sd_pipeline(
+        base_pipeline.vae,
+        copy.deepcopy(base_pipeline.text_encoder) if learns_token else base_pipeline.text_encoder,
+        copy.deepcopy(base_pipeline.tokenizer) if learns_token else base_pipeline.tokenizer,
+        copy.deepcopy(base_pipeline.unet)
+        if changes_unet and method.name != "finetune"
+        else base_pipeline.unet,
+        base_pipeline.scheduler,
     )
-    pipe.set_progress_bar_config(disable=True)
     method.load_unet(folder, pipe, meta.get("method_config", {}))
     if learns_token:
         pipe.load_textual_inversion(folder, weight_name=EMBEDS_FILE, token=meta["token"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -24,6 +25,29 @@ _HOW_TO_GET = (
 
 class SDLoadError(UserInputError, FileNotFoundError):
     """A Stable Diffusion folder or hub id could not be loaded (a user error: one line, exit 2)."""
+
+
+# What idgen's SD pipelines leave out: no safety checker (research on a user's own domain;
+# diffusers warns without this flag) and so no feature extractor for it.
+NO_SAFETY_CHECKER = {"safety_checker": None, "feature_extractor": None}
+
+
+def sd_pipeline(
+    vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, scheduler: Any
+) -> StableDiffusionPipeline:
+    """diffusers' ``StableDiffusionPipeline`` over these parts, as :func:`load_sd` makes it:
+    no safety checker, progress bar off."""
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        **NO_SAFETY_CHECKER,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def _offline() -> bool:
@@ -112,8 +136,7 @@ def load_sd(
             source,
             torch_dtype=torch_dtype,
             variant=variant,
-            safety_checker=None,
-            feature_extractor=None,
+            **NO_SAFETY_CHECKER,
             requires_safety_checker=False,
             local_files_only=local_files_only,
         )

@@ -6,6 +6,7 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from idgen.models.loading import sd_pipeline
 from idgen.models.tokenizer import build_tiny_clip_tokenizer
 from idgen.utils.dtypes import parse_optional_dtype
 
@@ -93,17 +94,9 @@ def build_tiny_sd(
                 projection_dim=cross_attention_dim,
             )
         )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_JSON),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    pipe = sd_pipeline(
+        vae, text_encoder, tokenizer, unet, PNDMScheduler.from_config(SD15_SCHEDULER_JSON)
     )
-    pipe.set_progress_bar_config(disable=True)
     torch_dtype = parse_optional_dtype(torch_dtype, "model.torch_dtype")
     if torch_dtype is not None or device is not None:
         pipe.to(device=device, dtype=torch_dtype)

@@ -27,6 +27,7 @@ from idgen.baselines.tokens import (
     splice_tokens,
     write_vectors,
 )
+from idgen.models.loading import sd_pipeline
 from idgen.models.text import encode_text
 from idgen.modules.base import DiffusionTrainingModule, OptimizerFactory, SchedulerFactory
 from idgen.modules.sd_parts import freeze
@@ -188,18 +189,7 @@ class BaselineModule(DiffusionTrainingModule):
         """A diffusers pipeline over the module's own (trained) components, for sampling."""
         if self.token_vectors is not None:
             write_vectors(self.text_encoder, self.token_vectors.detach(), self.first_token_id)
-        pipe = StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=self._scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return sd_pipeline(self.vae, self.text_encoder, self.tokenizer, self.unet, self._scheduler)
 
     def metadata(self) -> dict[str, object]:
         return super().metadata() | {

@@ -48,6 +48,7 @@ from diffusers import (
 from torch import nn
 
 from idgen.models import build_tiny_sd
+from idgen.models.loading import sd_pipeline
 from idgen.models.text import encode_text
 from idgen.models.tiny import SD15_SCHEDULER_JSON, TINY_UNET
 from idgen.modules.ema import EMA
@@ -397,17 +398,13 @@ def pretrain(out: str | os.PathLike, recipe: Recipe, log_every: int = 100) -> di
     torch.manual_seed(recipe.seed)
     vae = build_vae()
     unet = build_unet(tiny.text_encoder.config.hidden_size)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=tiny.text_encoder.requires_grad_(False).eval(),
-        tokenizer=tiny.tokenizer,
-        unet=unet,
-        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER_JSON),  # SD1.5's, clip_sample included
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    pipe = sd_pipeline(
+        vae,
+        tiny.text_encoder.requires_grad_(False).eval(),
+        tiny.tokenizer,
+        unet,
+        PNDMScheduler.from_config(SD15_SCHEDULER_JSON),  # SD1.5's, clip_sample included
     )
-    pipe.set_progress_bar_config(disable=True)
     # 2. the VAE on both worlds, then its latent scale
     start = time.time()
     train_vae(vae, recipe, log_every)
