@@ -269,17 +269,23 @@ class InDomainPipeline(DiffusionPipeline):
         noise = randn_tensor(init.shape, generator=generator, device=device, dtype=dtype)
         return self.scheduler.add_noise(init, noise, timestep)
 
-    def _timesteps(self, num_inference_steps: int, strength: float | None, device):
+    def prepare_timesteps(
+        self, num_inference_steps: int, image: Any, strength: float, device: torch.device
+    ) -> torch.Tensor:
+        """The scheduler's timesteps; SDEdit (``image`` given) keeps their last ``strength`` part."""
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
-        if strength is None:
-            return timesteps
-        # SDEdit starts part-way: skip the first (1 - strength) of the schedule (diffusers img2img).
-        init_steps = min(int(num_inference_steps * strength), num_inference_steps)
-        t_start = max(num_inference_steps - init_steps, 0)
-        timesteps = timesteps[t_start * self.scheduler.order :]
-        if hasattr(self.scheduler, "set_begin_index"):
-            self.scheduler.set_begin_index(t_start * self.scheduler.order)
+        if image is not None:
+            # SDEdit starts part-way: skip the first (1 - strength) of the schedule (diffusers img2img).
+            init_steps = min(int(num_inference_steps * strength), num_inference_steps)
+            t_start = max(num_inference_steps - init_steps, 0)
+            timesteps = timesteps[t_start * self.scheduler.order :]
+            if hasattr(self.scheduler, "set_begin_index"):
+                self.scheduler.set_begin_index(t_start * self.scheduler.order)
+        if len(timesteps) == 0:
+            raise ValueError(
+                f"strength={strength} with {num_inference_steps} steps leaves no denoising step"
+            )
         return timesteps
 
     def _guidance_terms(
@@ -406,6 +412,171 @@ class InDomainPipeline(DiffusionPipeline):
         )[0]
         return eps.chunk(len(chunks))
 
+    # ----------------------------------------------------------------------------- call steps
+
+    def check_inputs(
+        self,
+        prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        weights: WeightMode,
+        num_inference_steps: int,
+        image: Any,
+        strength: float,
+        height: int,
+        width: int,
+        callback_on_step_end_tensor_inputs: list[str],
+        control_image: Any,
+    ) -> None:
+        """Raise on bad call arguments before any model runs (diffusers' ``check_inputs``)."""
+        if weights not in ("auto", "fixed"):
+            raise ValueError(f"weights must be 'auto' or 'fixed', got {weights!r}")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("give prompt (a string or list of strings) or prompt_embeds")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if image is not None and not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise ValueError(
+                f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}"
+            )
+        bad = [
+            k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs
+        ]
+        if bad:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs may only hold {self._callback_tensor_inputs}, "
+                f"got {bad}"
+            )
+        if control_image is not None and self.controlnet is None:
+            raise ValueError(
+                "control_image was given but the pipeline has no controlnet; build it with "
+                "controlnet=ControlNetModel(...) or drop control_image."
+            )
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        batch: int,
+        n: int,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt and negative-prompt rows ``[batch * n, 77, D]``, one per image.
+
+        Given embeddings are moved to ``device`` and repeated per image; otherwise the texts are
+        encoded, the negative prompt defaulting to ``""`` for every prompt.
+        """
+        if prompt_embeds is None:
+            prompt_embeds = self._prompt_embeds(prompt, batch, n, device)
+        else:
+            prompt_embeds = self._per_image(prompt_embeds.to(device), batch, n)
+        if negative_prompt_embeds is not None:
+            return prompt_embeds, self._per_image(negative_prompt_embeds.to(device), batch, n)
+        negative = "" if negative_prompt is None else negative_prompt
+        if isinstance(negative, list) and len(negative) != batch:
+            raise ValueError(
+                f"negative_prompt has {len(negative)} entries but prompt has {batch}; "
+                "give one negative prompt per prompt or a single string."
+            )
+        negative_embeds = self._prompt_embeds(
+            negative if isinstance(negative, list) else [negative] * batch, batch, n, device
+        )
+        return prompt_embeds, negative_embeds
+
+    def prepare_runs(
+        self,
+        terms: list[GuidanceTerm],
+        prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor,
+        control_image: Any,
+        controlnet_conditioning_scale: float | list[float],
+        controlnet_on_uncond: bool,
+        batch: int,
+        n: int,
+        height: int,
+        width: int,
+        device: torch.device,
+    ) -> tuple[dict[str, _Run], Chunk]:
+        """What each term runs (``{term name: _Run}``) and the unconditional SD chunk.
+
+        The call's ``control_image`` is prepared once for the pipeline's ControlNet(s); it drives
+        the ``"control"`` term, and the unconditional prediction too if ``controlnet_on_uncond``.
+        """
+        controls = []
+        if control_image is not None:
+            controls = self._controls(
+                self.controlnet,
+                control_image,
+                controlnet_conditioning_scale,
+                height,
+                width,
+                batch,
+                n,
+                device,
+            )
+        runs = {
+            g.name: self._run_inputs(
+                g, prompt, prompt_embeds, controls, batch, n, height, width, device
+            )
+            for g in terms
+        }
+        uncond = Chunk(UNCOND, negative_embeds, controls if controlnet_on_uncond else [])
+        return runs, uncond
+
+    def prepare_latents(
+        self,
+        image: Any,
+        latents: torch.Tensor | None,
+        timesteps: torch.Tensor,
+        rows: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+    ) -> torch.Tensor:
+        """The starting latents: the noised input ``image`` for SDEdit, else (given) noise.
+
+        SDEdit encodes ``image`` and noises it to ``timesteps[0]``; otherwise ``latents`` (or fresh
+        noise from ``generator``) is scaled by the scheduler's ``init_noise_sigma``.
+        """
+        if image is not None:
+            pixels = self.image_processor.preprocess(image)
+            return self._sdedit_latents(
+                pixels, timesteps[:1].repeat(rows), rows, dtype, device, generator
+            )
+        shape = (
+            rows,
+            self.unet.config.in_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        else:
+            latents = latents.to(device)
+        return latents * self.scheduler.init_noise_sigma
+
+    def decode_images(
+        self,
+        latents: torch.Tensor,
+        output_type: str,
+        generator: torch.Generator | list[torch.Generator] | None,
+    ) -> list[PIL.Image.Image] | np.ndarray | torch.Tensor:
+        """VAE-decode and postprocess to ``output_type`` (``"latent"``: the latents as they are)."""
+        if output_type == "latent":
+            return latents
+        decoded = self.vae.decode(
+            latents / self.vae.config.scaling_factor, return_dict=False, generator=generator
+        )[0]
+        return self.image_processor.postprocess(
+            decoded, output_type=output_type, do_denormalize=[True] * decoded.shape[0]
+        )
+
     # ----------------------------------------------------------------------------- call
 
     @torch.no_grad()
@@ -456,38 +627,28 @@ class InDomainPipeline(DiffusionPipeline):
         ``callback_on_step_end`` (a function or diffusers ``PipelineCallback``) gets the tensors
         named in ``callback_on_step_end_tensor_inputs`` (see ``_callback_tensor_inputs``).
         """
-        # 1. Check inputs
-        if weights not in ("auto", "fixed"):
-            raise ValueError(f"weights must be 'auto' or 'fixed', got {weights!r}")
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("give prompt (a string or list of strings) or prompt_embeds")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-        if image is not None and not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {strength}")
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
-        if height % self.vae_scale_factor or width % self.vae_scale_factor:
-            raise ValueError(
-                f"height and width must be multiples of {self.vae_scale_factor}, got {height}x{width}"
-            )
         if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["latents"]
-        bad = [
-            k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs
-        ]
-        if bad:
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs may only hold {self._callback_tensor_inputs}, "
-                f"got {bad}"
-            )
-        if control_image is not None and self.controlnet is None:
-            raise ValueError(
-                "control_image was given but the pipeline has no controlnet; build it with "
-                "controlnet=ControlNetModel(...) or drop control_image."
-            )
+
+        # 0. Default height and width to unet
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+
+        # 1. Check inputs
+        self.check_inputs(
+            prompt,
+            prompt_embeds,
+            weights,
+            num_inference_steps,
+            image,
+            strength,
+            height,
+            width,
+            callback_on_step_end_tensor_inputs,
+            control_image,
+        )
 
         # 2. Define call parameters
         if prompt_embeds is not None:
@@ -504,22 +665,9 @@ class InDomainPipeline(DiffusionPipeline):
         device = self._execution_device
 
         # 3. Encode the prompt and the unconditional (negative) prompt
-        if prompt_embeds is None:
-            prompt_embeds = self._prompt_embeds(prompt, batch, n, device)
-        else:
-            prompt_embeds = self._per_image(prompt_embeds.to(device), batch, n)
-        if negative_prompt_embeds is None:
-            negative = "" if negative_prompt is None else negative_prompt
-            if isinstance(negative, list) and len(negative) != batch:
-                raise ValueError(
-                    f"negative_prompt has {len(negative)} entries but prompt has {batch}; "
-                    "give one negative prompt per prompt or a single string."
-                )
-            negative_embeds = self._prompt_embeds(
-                negative if isinstance(negative, list) else [negative] * batch, batch, n, device
-            )
-        else:
-            negative_embeds = self._per_image(negative_prompt_embeds.to(device), batch, n)
+        prompt_embeds, negative_embeds = self.encode_prompt(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, batch, n, device
+        )
 
         # 4. Guidance terms: one list (w_d and w_c are two of them) and what each runs
         terms = self._guidance_terms(
@@ -531,55 +679,29 @@ class InDomainPipeline(DiffusionPipeline):
             list(extra_guidance or []),
             weights,
         )
-        controls = []
-        if control_image is not None:
-            controls = self._controls(
-                self.controlnet,
-                control_image,
-                controlnet_conditioning_scale,
-                height,
-                width,
-                batch,
-                n,
-                device,
-            )
-        runs = {
-            g.name: self._run_inputs(
-                g, prompt, prompt_embeds, controls, batch, n, height, width, device
-            )
-            for g in terms
-        }
-        uncond = Chunk(UNCOND, negative_embeds, controls if controlnet_on_uncond else [])
+        runs, uncond = self.prepare_runs(
+            terms,
+            prompt,
+            prompt_embeds,
+            negative_embeds,
+            control_image,
+            controlnet_conditioning_scale,
+            controlnet_on_uncond,
+            batch,
+            n,
+            height,
+            width,
+            device,
+        )
 
         # 5. Prepare timesteps (SDEdit keeps the last `strength` part of the schedule)
-        timesteps = self._timesteps(
-            num_inference_steps, None if image is None else strength, device
-        )
-        if len(timesteps) == 0:
-            raise ValueError(
-                f"strength={strength} with {num_inference_steps} steps leaves no denoising step"
-            )
+        timesteps = self.prepare_timesteps(num_inference_steps, image, strength, device)
         guider = Guider(terms, num_steps=len(timesteps), w0=w0)
 
         # 6. Prepare latent variables: pure noise, or the noised input image for SDEdit
-        dtype = prompt_embeds.dtype
-        if image is not None:
-            pixels = self.image_processor.preprocess(image)
-            latents = self._sdedit_latents(
-                pixels, timesteps[:1].repeat(rows), rows, dtype, device, generator
-            )
-        else:
-            shape = (
-                rows,
-                self.unet.config.in_channels,
-                height // self.vae_scale_factor,
-                width // self.vae_scale_factor,
-            )
-            if latents is None:
-                latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-            else:
-                latents = latents.to(device)
-            latents = latents * self.scheduler.init_noise_sigma
+        latents = self.prepare_latents(
+            image, latents, timesteps, rows, height, width, prompt_embeds.dtype, device, generator
+        )
 
         # 7. Prepare extra step kwargs
         step_kwargs = {}
@@ -631,15 +753,7 @@ class InDomainPipeline(DiffusionPipeline):
                 progress_bar.update()
 
         # 9. Decode
-        if output_type == "latent":
-            images = latents
-        else:
-            decoded = self.vae.decode(
-                latents / self.vae.config.scaling_factor, return_dict=False, generator=generator
-            )[0]
-            images = self.image_processor.postprocess(
-                decoded, output_type=output_type, do_denormalize=[True] * decoded.shape[0]
-            )
+        images = self.decode_images(latents, output_type, generator)
         self.maybe_free_model_hooks()
 
         used = guider.used_weights(rows)
