@@ -131,14 +131,21 @@ def check_resolution(
 # ------------------------------------------------------------------------------- idgen-train
 
 
-def validate_train(cfg: DictConfig) -> None:
-    """Every user-set value idgen-train needs, checked before data is scanned or models built."""
-    stage = check_choice(cfg, "stage", STAGES)
+def check_seed(cfg: DictConfig) -> None:
+    """``seed``: a non-negative integer (every CLI's)."""
     check_int(cfg, "seed", minimum=0)
-    check_choice(cfg, "nonfinite_loss", NONFINITE_POLICIES)
-    geometry = check_base_model(cfg)
 
-    # data
+
+def check_train_run(cfg: DictConfig) -> str:
+    """The run's top-level choices: ``stage``, ``seed`` and ``nonfinite_loss``; returns the stage."""
+    stage = check_choice(cfg, "stage", STAGES)
+    check_seed(cfg)
+    check_choice(cfg, "nonfinite_loss", NONFINITE_POLICIES)
+    return stage
+
+
+def check_train_data(cfg: DictConfig, geometry: dict[str, Any]) -> None:
+    """The ``data`` section's numbers (the resolution fits the base model's VAE), then its root."""
     if cfg.get("data") is None:
         raise ConfigError("data", None, "no data configured", "Pass data=folder data.root=<dir>.")
     check_resolution(cfg, "data.resolution", geometry)
@@ -151,6 +158,15 @@ def validate_train(cfg: DictConfig) -> None:
         check_float(
             cfg, "data.val_fraction", optional=False, minimum=0.0, maximum=1.0, open_max=True
         )
+    check_data_root(cfg)
+
+
+def check_data_root(cfg: DictConfig) -> None:
+    """``data.root``: a folder of images, or (generated data, ``data.num_images`` set) not a file.
+
+    Generated (demo/toy-world) data is made on first use, so its root may not exist yet; a data
+    config without ``_target_`` names no dataset and its root is not checked.
+    """
     root = get(cfg, "data.root")
     target = str(get(cfg, "data._target_") or "")
     generated = "num_images" in cfg.data  # demo/toy-world data: made on first use
@@ -163,46 +179,83 @@ def validate_train(cfg: DictConfig) -> None:
         extensions = get(cfg, "data.extensions") or DEFAULT_EXTENSIONS
         check_dir("data.root", root, "the domain's images", extensions=extensions)
 
+
+def check_preview(cfg: DictConfig, geometry: dict[str, Any]) -> None:
+    """The base-model preview grid's settings, when ``preview.enabled``."""
     if cfg.get("preview") is not None and get(cfg, "preview.enabled"):
         check_int(cfg, "preview.num_inference_steps")
         check_resolution(cfg, "preview.resolution", geometry)
         check_float(cfg, "preview.guidance_scale", optional=False)
 
-    # stages
-    if stage in ("inversion", "all"):
-        check_int(cfg, "inversion_steps")
-        check_int(cfg, "inversion_max_images", optional=True)
-        check_float(cfg, "inversion.optimizer.lr", optional=False, positive=True)
-    if stage in ("finetune", "all"):
-        check_int(
-            cfg,
-            "trainer.max_steps",
-            extra=(-1,) if (get(cfg, "trainer.max_epochs") or -1) > 0 else (),
-            why=" (the number of optimizer steps of stage 2)",
+
+def check_inversion(cfg: DictConfig) -> None:
+    """Stage 1 (textual inversion): its step counts and learning rate."""
+    check_int(cfg, "inversion_steps")
+    check_int(cfg, "inversion_max_images", optional=True)
+    check_float(cfg, "inversion.optimizer.lr", optional=False, positive=True)
+
+
+def check_finetune(cfg: DictConfig, stage: str) -> None:
+    """Stage 2 (fine-tuning): optimizer steps and rate, callbacks, and the files it starts from."""
+    check_finetune_optimizer(cfg)
+    check_sampling_callbacks(cfg)
+    check_finetune_inputs(cfg, stage)
+    check_checkpoint_callback(cfg)
+
+
+def check_finetune_optimizer(cfg: DictConfig) -> None:
+    """``trainer.max_steps`` (``-1`` allowed when ``trainer.max_epochs`` bounds the run) and
+    ``module.optimizer.lr``."""
+    check_int(
+        cfg,
+        "trainer.max_steps",
+        extra=(-1,) if (get(cfg, "trainer.max_epochs") or -1) > 0 else (),
+        why=" (the number of optimizer steps of stage 2)",
+    )
+    check_float(cfg, "module.optimizer.lr", optional=False, positive=True)
+
+
+def check_sampling_callbacks(cfg: DictConfig) -> None:
+    """The decoupled-sampling callback's interval and the EMA callback's decay, when configured."""
+    if "decoupled_sampling" in (cfg.get("callbacks") or {}):
+        check_int(cfg, "callbacks.decoupled_sampling.every_n_train_steps", optional=True)
+    ema = (cfg.get("callbacks") or {}).get("ema")
+    if isinstance(ema, DictConfig) and "decay" in ema:  # ~callbacks.ema / null: no EMA
+        check_float(
+            cfg, "callbacks.ema.decay", optional=False, minimum=0.0, maximum=1.0, open_max=True
         )
-        check_float(cfg, "module.optimizer.lr", optional=False, positive=True)
-        if "decoupled_sampling" in (cfg.get("callbacks") or {}):
-            check_int(cfg, "callbacks.decoupled_sampling.every_n_train_steps", optional=True)
-        ema = (cfg.get("callbacks") or {}).get("ema")
-        if isinstance(ema, DictConfig) and "decay" in ema:  # ~callbacks.ema / null: no EMA
-            check_float(
-                cfg, "callbacks.ema.decay", optional=False, minimum=0.0, maximum=1.0, open_max=True
-            )
-        text_features = get(cfg, "text_features")
-        if stage == "finetune" and text_features:
-            path = Path(os.path.expanduser(str(text_features)))
-            if path.is_dir():
-                path = path / "text_features.safetensors"
-            check_file("text_features", str(path), "a stage-1 text_features.safetensors")
-        ckpt = get(cfg, "ckpt_path")
-        if ckpt not in (None, "last"):
-            check_file("ckpt_path", ckpt, "a training checkpoint (.ckpt), or pass ckpt_path=last")
-        checkpoint = (cfg.get("callbacks") or {}).get("model_checkpoint")
-        if checkpoint is not None:
-            check_int(cfg, "callbacks.model_checkpoint.every_n_train_steps", optional=True)
-            check_int(cfg, "callbacks.model_checkpoint.save_top_k", minimum=-1)
+
+
+def check_finetune_inputs(cfg: DictConfig, stage: str) -> None:
+    """The files stage 2 starts from: stage 1's ``text_features`` (when only stage 2 runs) and a
+    ``ckpt_path`` to resume (``last``: the newest, when there is one)."""
+    text_features = get(cfg, "text_features")
+    if stage == "finetune" and text_features:
+        path = Path(os.path.expanduser(str(text_features)))
+        if path.is_dir():
+            path = path / "text_features.safetensors"
+        check_file("text_features", str(path), "a stage-1 text_features.safetensors")
+    ckpt = get(cfg, "ckpt_path")
+    if ckpt not in (None, "last"):
+        check_file("ckpt_path", ckpt, "a training checkpoint (.ckpt), or pass ckpt_path=last")
+
+
+def check_checkpoint_callback(cfg: DictConfig) -> None:
+    """The model-checkpoint callback's interval and ``save_top_k``, when configured."""
+    checkpoint = (cfg.get("callbacks") or {}).get("model_checkpoint")
+    if checkpoint is not None:
+        check_int(cfg, "callbacks.model_checkpoint.every_n_train_steps", optional=True)
+        check_int(cfg, "callbacks.model_checkpoint.save_top_k", minimum=-1)
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """The trainer's gradient accumulation and logging interval (every stage)."""
     check_int(cfg, "trainer.accumulate_grad_batches")
     check_int(cfg, "trainer.log_every_n_steps")
+
+
+def check_logger(cfg: DictConfig) -> None:
+    """``logger``: a logger config group (``logger=csv``...) or null, not a bare value."""
     logger = cfg.get("logger")
     if logger is not None and not isinstance(logger, DictConfig):
         raise ConfigError(
@@ -210,61 +263,90 @@ def validate_train(cfg: DictConfig) -> None:
         )
 
 
+def validate_train(cfg: DictConfig) -> None:
+    """Every user-set value idgen-train needs, checked before data is scanned or models built."""
+    stage = check_train_run(cfg)
+    geometry = check_base_model(cfg)
+    check_train_data(cfg, geometry)
+    check_preview(cfg, geometry)
+    if stage in ("inversion", "all"):
+        check_inversion(cfg)
+    if stage in ("finetune", "all"):
+        check_finetune(cfg, stage)
+    check_trainer(cfg)
+    check_logger(cfg)
+
+
 # -------------------------------------------------------------------------------- idgen-eval
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-def validate_eval(cfg: DictConfig) -> None:
-    """idgen-eval's folders and numbers, checked before any image or feature extractor is read."""
+def check_eval_run(cfg: DictConfig) -> None:
+    """idgen-eval's ``batch_size``, ``resolution`` (optional), ``seed`` and ``device``."""
     check_int(cfg, "batch_size")
     check_int(cfg, "resolution", optional=True)
-    check_int(cfg, "seed", minimum=0)
+    check_seed(cfg)
+    check_device(cfg)
+
+
+def check_device(cfg: DictConfig) -> None:
+    """``device``: ``auto``, ``cpu``, ``cuda``, ``mps`` or ``cuda:<index>``."""
     device = get(cfg, "device")
     if not isinstance(device, str) or not (
         device in DEVICES or (device.startswith("cuda:") and device[5:].isdigit())
     ):
         raise ConfigError("device", device, "is not a device", "Pass device=auto, cpu or cuda:0.")
-    if cfg.get("sample") is not None:
-        import importlib.util
 
-        module = get(cfg, "sample.module") or "idgen.sample"
-        try:
-            found = importlib.util.find_spec(str(module)) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            raise ConfigError(
-                "sample.module",
-                module,
-                f"sample-then-evaluate runs `python -m {module}`, which is not installed",
-                "Run idgen-sample yourself and pass samples_dir=<its image folder> (and "
-                "sample=null).",
-            )
-        for key in ("w_d", "w_c"):
-            check_float(cfg, f"sample.{key}")
-        subdir = get(cfg, "sample.images_subdir")
-        if not subdir or not isinstance(subdir, str):
-            raise ConfigError(
-                "sample.images_subdir", subdir, "must be a folder name", "Pass e.g. samples."
-            )
-    else:
-        samples = get(cfg, "samples_dir")
-        if samples is None:
-            raise ConfigError(
-                "samples_dir",
-                None,
-                "is not set",
-                "Pass samples_dir=<folder of generated images> (or configure sample=... to "
-                "sample first).",
-            )
-        check_dir(
-            "samples_dir",
-            samples,
-            "generated images",
-            extensions=DEFAULT_EXTENSIONS,
-            noun="samples folder",
+
+def check_sample_first(cfg: DictConfig) -> None:
+    """The ``sample`` section (sample, then evaluate): its module is installed, its guidance
+    weights are numbers and its ``images_subdir`` is a folder name."""
+    import importlib.util
+
+    module = get(cfg, "sample.module") or "idgen.sample"
+    try:
+        found = importlib.util.find_spec(str(module)) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ConfigError(
+            "sample.module",
+            module,
+            f"sample-then-evaluate runs `python -m {module}`, which is not installed",
+            "Run idgen-sample yourself and pass samples_dir=<its image folder> (and sample=null).",
         )
+    for key in ("w_d", "w_c"):
+        check_float(cfg, f"sample.{key}")
+    subdir = get(cfg, "sample.images_subdir")
+    if not subdir or not isinstance(subdir, str):
+        raise ConfigError(
+            "sample.images_subdir", subdir, "must be a folder name", "Pass e.g. samples."
+        )
+
+
+def check_samples_dir(cfg: DictConfig) -> None:
+    """``samples_dir`` (no ``sample`` section): a folder holding generated images."""
+    samples = get(cfg, "samples_dir")
+    if samples is None:
+        raise ConfigError(
+            "samples_dir",
+            None,
+            "is not set",
+            "Pass samples_dir=<folder of generated images> (or configure sample=... to "
+            "sample first).",
+        )
+    check_dir(
+        "samples_dir",
+        samples,
+        "generated images",
+        extensions=DEFAULT_EXTENSIONS,
+        noun="samples folder",
+    )
+
+
+def check_reference_dir(cfg: DictConfig) -> None:
+    """``reference_dir``: a folder of domain images, required when ``metrics.fid`` is set."""
     metrics = cfg.get("metrics")
     needs_reference = metrics is not None and metrics.get("fid") is not None
     reference = get(cfg, "reference_dir")
@@ -277,6 +359,16 @@ def validate_eval(cfg: DictConfig) -> None:
                 "Pass reference_dir=<folder of domain images>.",
             )
         check_dir("reference_dir", reference, "domain images", extensions=DEFAULT_EXTENSIONS)
+
+
+def validate_eval(cfg: DictConfig) -> None:
+    """idgen-eval's folders and numbers, checked before any image or feature extractor is read."""
+    check_eval_run(cfg)
+    if cfg.get("sample") is not None:
+        check_sample_first(cfg)
+    else:
+        check_samples_dir(cfg)
+    check_reference_dir(cfg)
 
 
 # ------------------------------------------------------------------------------ idgen-sample
@@ -325,6 +417,23 @@ def check_domain_model(key: str, folder: Any, base: dict[str, Any]) -> dict[str,
     base model that differs from the configured one is an error too. Returns the UNet config.
     """
     path = check_dir(key, folder, "an exported domain model (idgen-train's domain_model/)", None)
+    config = read_domain_export(key, folder, path)
+    unet = dict(config.get("unet_config") or {})
+    mismatches = base_mismatches(unet, path, base)
+    if mismatches:
+        raise ConfigError(
+            key,
+            str(folder),
+            "was trained for another base model: " + "; ".join(mismatches),
+            "Sample with the base it was trained on (model=...), or train a domain model on "
+            "this base.",
+        )
+    return unet
+
+
+def read_domain_export(key: str, folder: Any, path: Path) -> dict[str, Any]:
+    """The ``config.json`` of the domain model folder ``path`` (``key=folder``), checked to be a
+    readable ``NullTextUNet`` export with weights next to it."""
     config = _read_json(path / DOMAIN_CONFIG)
     if config is None:
         raise ConfigError(
@@ -347,7 +456,13 @@ def check_domain_model(key: str, folder: Any, base: dict[str, Any]) -> dict[str,
         raise ConfigError(
             key, str(folder), "holds no weights (*.safetensors)", "Re-export the domain model."
         )
-    unet = dict(config.get("unet_config") or {})
+    return config
+
+
+def base_mismatches(unet: dict[str, Any], path: Path, base: dict[str, Any]) -> list[str]:
+    """How a domain model (its UNet config ``unet``, its folder ``path``) differs from the base
+    geometry ``base``: latent shape and cross-attention width, and the base model recorded in
+    ``idgen_domain.json``; empty when it fits (or nothing is known to differ)."""
     mismatches = []
     for field, name in (
         ("in_channels", "latent channels"),
@@ -366,15 +481,7 @@ def check_domain_model(key: str, folder: Any, base: dict[str, Any]) -> dict[str,
         )
         if not same:
             mismatches.append(f"trained on base '{recorded}' (configured: '{configured}')")
-    if mismatches:
-        raise ConfigError(
-            key,
-            str(folder),
-            "was trained for another base model: " + "; ".join(mismatches),
-            "Sample with the base it was trained on (model=...), or train a domain model on "
-            "this base.",
-        )
-    return unet
+    return mismatches
 
 
 def check_prompts(cfg: DictConfig) -> None:
@@ -413,7 +520,7 @@ def check_prompts(cfg: DictConfig) -> None:
 def validate_sample(cfg: DictConfig) -> None:
     """idgen-sample's settings, prompts and model folders, checked before any model is loaded."""
     geometry = check_base_model(cfg)
-    check_int(cfg, "seed", minimum=0)
+    check_seed(cfg)
     check_int(cfg, "images_per_prompt")
     check_int(cfg, "batch_size")
     check_resolution(cfg, "resolution", geometry, optional=True)
