@@ -47,7 +47,13 @@ def write_base_grid(
         )
         images.append(out.images[0])
     path = save_image_atomic(
-        make_grid(images, ncols=len(images)),
+        make_grid(
+            images,
+            ncols=len(images),
+            title=f"base model: guidance {guidance_scale:g}, {num_inference_steps} steps, "
+            f"seeds {seed}..{seed + len(prompts) - 1}",
+            labels=prompts,
+        ),
         out_path,
         text={"prompts": " | ".join(prompts), "seed": str(seed), "steps": str(num_inference_steps)},
     )

@@ -49,7 +49,8 @@ def prepare_data(cfg: DictConfig, output_dir: Path) -> L.LightningDataModule:
         dataset.transform = datamodule.val_dataset.transform  # no flips in the overview grid
         n = min(16, len(dataset))
         batch = [to_pil(dataset[i]["pixel_values"]) for i in range(n)]
-        save_image_atomic(make_grid(batch), output_dir / "data_grid.png")
+        title = f"training data: {n} of {len(dataset)} images at {datamodule.resolution}px"
+        save_image_atomic(make_grid(batch, title=title), output_dir / "data_grid.png")
     return datamodule
 
 

@@ -366,7 +366,9 @@ def test_validation_grid_is_fixed_seed_png(tmp_path):
     assert path.is_file()
 
     image = Image.open(path)
-    assert image.size == (2 * 64 + 3 * 2,) * 2  # 2x2 grid of 64px images, 2px gaps
+    # 2x2 grid of 64px images, 2px gaps, and below/above them the seeds and the caption
+    assert image.size[0] == 2 * 64 + 3 * 2 and image.size[1] > 2 * 64 + 3 * 2
+    assert image.text["caption"].startswith("a photo of")
     assert image.text["seed"] == "0"
     g1 = np.asarray(Image.open(sampling.validation_grids(trainer, module, 2)[0]).convert("RGB"))
     g2 = np.asarray(Image.open(sampling.validation_grids(trainer, module, 2)[0]).convert("RGB"))

@@ -100,7 +100,10 @@ def test_validation_grids_use_decoupled_guidance_and_match_predict(tmp_path):
 
     (path,) = sorted((tmp_path / "fit" / "validation").glob("*.png"))
     assert path.name == "step_0000002_p0000.png"
-    grid = np.asarray(Image.open(path).convert("RGB"))
+    with Image.open(path) as png:
+        grid, caption_chunk = np.asarray(png.convert("RGB")), png.text["caption"]
+    # the grid says what it shows: the step and caption above, each image's seed under it
+    captioned = {"title": f"step 2: {caption_chunk}", "labels": ["seed 0", "seed 1"]}
 
     # 1. Independently: the pipeline with the trained domain model, the same seeds and weights.
     pipe = InDomainPipeline.from_sd(build_tiny_sd(seed=0), domain_unet=module.domain_unet.eval())
@@ -109,9 +112,9 @@ def test_validation_grids_use_decoupled_guidance_and_match_predict(tmp_path):
         gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
         return pipe([PROMPT] * 2, w_d=w_d, w_c=3.0, num_inference_steps=3, generator=gens).images
 
-    expected = np.asarray(make_grid(images(2.0)).convert("RGB"))
+    expected = np.asarray(make_grid(images(2.0), **captioned).convert("RGB"))
     assert np.abs(grid.astype(int) - expected.astype(int)).max() <= 1
-    without_domain = np.asarray(make_grid(images(0.0)).convert("RGB"))
+    without_domain = np.asarray(make_grid(images(0.0), **captioned).convert("RGB"))
     assert np.abs(grid.astype(int) - without_domain.astype(int)).max() > 8  # w_d acts
 
     # 2. Logged with its caption (prompt, seeds, the weights given and used).
@@ -135,9 +138,11 @@ def test_validation_grids_use_decoupled_guidance_and_match_predict(tmp_path):
         datamodule=PromptsDataModule([PROMPT], 2, seed=0, batch_size=2),
         return_predictions=False,
     )
-    predicted = np.asarray(
-        Image.open(tmp_path / "pred" / "grids" / "p0000_a-photo-of-a-red-circle.png").convert("RGB")
-    )
+    assert (tmp_path / "pred" / "grids" / "p0000_a-photo-of-a-red-circle.png").is_file()
+    samples = sorted((tmp_path / "pred" / "samples").glob("*.png"))
+    assert len(samples) == 2
+    # the predicted images, laid out as the validation grid, are that grid pixel for pixel
+    predicted = np.asarray(make_grid([Image.open(p) for p in samples], **captioned).convert("RGB"))
     assert np.array_equal(predicted, grid)
 
 

@@ -307,8 +307,12 @@ class DecoupledGuidanceSampling(Callback):
         paths, grids, captions = [], [], []
         for p, prompt in enumerate(plan.prompts):
             mine = [it for it in items if it["prompt_index"] == p]
-            grid = make_grid([it["image"] for it in mine])
             caption = grid_caption(prompt, [{**it, "sampler": sampler} for it in mine])
+            grid = make_grid(
+                [it["image"] for it in mine],
+                title=f"step {step}: {caption}",
+                labels=[f"seed {it['seed']}" for it in mine],
+            )
             path = out_dir / f"step_{step:07d}_p{p:04d}.png"
             weights = [it["guidance_weights"] for it in mine]
             text = {"caption": caption, "step": str(step), "seed": str(plan.seed)}

@@ -128,16 +128,17 @@ class SampleWriter:
             log.warning("%d of %d images missing: %s", len(missing), total, missing[:10])
         grids, captions = [], []
         if self.grids:
-            n = self.plan.images_per_prompt
             for p, prompt in enumerate(self.plan.prompts):
-                paths = [self.path_for(i) for i in range(p * n, (p + 1) * n)]
-                images = [Image.open(x).convert("RGB") for x in paths if x.is_file()]
-                if images:
-                    grid = make_grid(images)
+                # the finished images of this prompt (a stale PNG of other settings is not shown)
+                mine = [r for r in records if r["prompt_index"] == p]
+                if mine:
+                    images = [Image.open(self.out_dir / r["file"]).convert("RGB") for r in mine]
+                    caption = grid_caption(prompt, mine)
+                    labels = [f"seed {r['seed']}" for r in mine]
+                    grid = make_grid(images, title=caption, labels=labels)
                     save_image_atomic(grid, self.out_dir / "grids" / grid_name(p, prompt))
                     grids.append(grid)
-                    mine = [r for r in records if r["prompt_index"] == p]
-                    captions.append(grid_caption(prompt, mine))
+                    captions.append(caption)
         if loggers and grids:
             log_images(loggers, "samples/grid", grids, captions)
         return records
