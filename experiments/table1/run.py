@@ -47,6 +47,7 @@ from idgen.toyworld.conditions import write_conditions  # noqa: E402
 from idgen.toyworld.figure import sample_path  # noqa: E402
 from idgen.toyworld.render import SHAPES, all_captions  # noqa: E402
 from idgen.utils.io import atomic_write_text, save_image_atomic  # noqa: E402
+from idgen.utils.timing import StageTimer  # noqa: E402
 
 log = logging.getLogger("table1")
 
@@ -241,24 +242,18 @@ def run(args: argparse.Namespace) -> dict:
         cond_dir, args.conditions, 32, seed=CONDITION_SEED + args.seed, shapes=SHAPES
     )
     names = [r for r in ROWS if r in args.methods]
-    timings: dict[str, float] = {}
-
-    def timed(stage, fn, *a):
-        t0 = time.perf_counter()
-        result = fn(*a)
-        timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - t0, 1)
-        return result
+    timer = StageTimer()
 
     # Stage by stage (every row trained before any is sampled; spatial control last), so a
     # run stopped anywhere resumes where it stopped.
-    trained = {n: timed("train", train, args, n) for n in names}
-    folders = {n: timed("sample text", sample_text, args, trained[n]) for n in names}
+    trained = {n: timer.run("train", train, args, n) for n in names}
+    folders = {n: timer.run("sample text", sample_text, args, trained[n]) for n in names}
     for n in names:
-        folders[n]["spatial_align"] = timed(
+        folders[n]["spatial_align"] = timer.run(
             "sample spatial", sample_spatial, args, trained[n], conditions, cond_dir
         )
-    rows = {n: timed("evaluate", row_entry, args, trained[n], folders[n]) for n in names}
-    timings["total"] = round(time.perf_counter() - start, 1)
+    rows = {n: timer.run("evaluate", row_entry, args, trained[n], folders[n]) for n in names}
+    timings = {**timer.seconds, "total": round(time.perf_counter() - start, 1)}
     results = {
         "rows": rows,
         "settings": {

@@ -35,6 +35,7 @@ from idgen.toyworld.figure import comparison_figure
 from idgen.toyworld.render import all_captions
 from idgen.toyworld.report import ROWS, results_markdown
 from idgen.utils.io import atomic_write_text
+from idgen.utils.timing import StageTimer
 
 log = logging.getLogger("idgen.toyworld.job")
 
@@ -231,53 +232,44 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _train_side_by_side(args: argparse.Namespace):
+    """Ours and the fine-tuning baseline in two processes (each trains on one thread)."""
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding torch
+    with ProcessPoolExecutor(max_workers=2, mp_context=context) as pool:
+        ours = pool.submit(_train_in_worker, "ours", args)
+        finetuned = pool.submit(_train_in_worker, "finetune", args)
+        return ours.result(), finetuned.result()
+
+
 def run(args: argparse.Namespace) -> dict:
     """Every stage in order; returns what results.json holds."""
     torch.set_num_threads(args.threads)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     start, load_start = time.perf_counter(), os.getloadavg()
-    timings: dict[str, float] = {}
-
-    def timed(name, fn, *a):
-        t0 = time.perf_counter()
-        result = fn(*a)
-        timings[name] = round(time.perf_counter() - t0, 1)
-        return result
+    timer = StageTimer()
 
     # 1-3. the domain folder, then ours (inversion + null-text fine-tuning) and the baseline:
-    # side by side in two processes when two CPUs are there (each trains on one thread)
+    # side by side in two processes when two CPUs are there
     prepare_domain(args)
     if args.jobs > 1:
-        t0 = time.perf_counter()
-        context = multiprocessing.get_context("spawn")  # no fork of a process holding torch
-        with ProcessPoolExecutor(max_workers=2, mp_context=context) as pool:
-            ours_future = pool.submit(_train_in_worker, "ours", args)
-            finetune_future = pool.submit(_train_in_worker, "finetune", args)
-            (ours, ours_budget), (finetuned, finetune_budget) = (
-                ours_future.result(),
-                finetune_future.result(),
-            )
-        timings["train ours + fine-tuning baseline (2 processes)"] = round(
-            time.perf_counter() - t0, 1
+        both = "train ours + fine-tuning baseline (2 processes)"
+        (ours, ours_budget), (finetuned, finetune_budget) = timer.run(
+            both, _train_side_by_side, args
         )
     else:
-        ours, ours_budget = timed("train ours", train_ours, args)
-        finetuned, finetune_budget = timed("train fine-tuning baseline", train_finetune, args)
+        ours, ours_budget = timer.run("train ours", train_ours, args)
+        finetuned, finetune_budget = timer.run("train fine-tuning baseline", train_finetune, args)
     # 4-5. the same prompts and seeds for every row, then the metrics of each row
-    metrics = {}
-    samples = {}
+    samples, metrics = {}, {}
     for row in ROWS:
-        samples[row] = timed(f"sample {row}", sample_row, args, row, ours, finetuned)
-        metrics[row] = timed(f"evaluate {row}", evaluate_row, args, row, samples[row])
+        samples[row] = timer.run(f"sample {row}", sample_row, args, row, ours, finetuned)
+        metrics[row] = timer.run(f"evaluate {row}", evaluate_row, args, row, samples[row])
     # 6. figure and table
     figure = comparison_figure(
-        {row: samples[row] for row in ROWS},
-        args.prompts,
-        args.images_per_prompt,
-        out / "comparison.png",
+        samples, args.prompts, args.images_per_prompt, out / "comparison.png"
     )
-    timings["total"] = round(time.perf_counter() - start, 1)
+    timings = {**timer.seconds, "total": round(time.perf_counter() - start, 1)}
     results = {
         "rows": {row: _row_summary(metrics[row]) for row in ROWS},
         "settings": {
