@@ -93,6 +93,25 @@ def quiet_trainer(root, max_steps: int, **kw):
     return L.Trainer(**{**settings, **kw})
 
 
+def tiny_finetune_module(out_dir, sd=None, lr: float = 1e-3, weight_decay: float = 1e-2, **kw):
+    """A ``NullTextFinetuneModule`` over the tiny SD (``sd``, else ``build_tiny_sd(seed=0)``
+    loaded in ``setup``), trained with AdamW at ``lr``, writing under ``out_dir``; no export at
+    the end of fit unless ``kw`` asks for it."""
+    import functools
+
+    import torch
+
+    from idgen.models import build_tiny_sd
+    from idgen.modules import NullTextFinetuneModule
+
+    kw.setdefault("export_on_fit_end", False)
+    loader = functools.partial(build_tiny_sd, seed=0) if sd is None else (lambda: sd)
+    optimizer = functools.partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay)
+    return NullTextFinetuneModule(
+        model_loader=loader, optimizer=optimizer, output_dir=str(out_dir), **kw
+    )
+
+
 def tiny_controlnet(unet, seed: int = 1):
     """A ControlNet of ``unet`` (diffusers' ``from_unet``) whose output convolutions are random:
     ``from_unet`` zero-initialises them, and a ControlNet that adds nothing tests nothing."""

@@ -17,7 +17,7 @@ from idgen.modules.diffusion_loss import denoising_loss
 from idgen.modules.ema import EMA
 from idgen.modules.sd_parts import encode_images, save_text_features
 from idgen.toyworld.demo import DemoDomainDataModule
-from tests.conftest import quiet_trainer
+from tests.conftest import quiet_trainer, tiny_finetune_module
 
 
 def _trainer(tmp_path, max_steps: int, callbacks=(), ema: float | None = 0.9, **kw) -> L.Trainer:
@@ -50,14 +50,8 @@ class _FixedOrderDemo(DemoDomainDataModule):
 
 
 def _module(tmp_path, sd, lr=1e-3, **kw):
-    kw.setdefault("export_on_fit_end", False)
-    return NullTextFinetuneModule(
-        model_loader=lambda: sd,
-        optimizer=functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.0),
-        domain="shapes",
-        output_dir=str(tmp_path / "out"),
-        base_model="tiny",
-        **kw,
+    return tiny_finetune_module(
+        tmp_path / "out", sd, lr, weight_decay=0.0, domain="shapes", base_model="tiny", **kw
     )
 
 

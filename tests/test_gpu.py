@@ -8,7 +8,6 @@ precisions the CPU lacks are skipped there).
 from __future__ import annotations
 
 import copy
-import functools
 import os
 import textwrap
 
@@ -18,10 +17,9 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 from idgen.models import NullTextUNet, build_tiny_sd
-from idgen.modules import NullTextFinetuneModule
 from idgen.pipelines import InDomainPipeline
 from idgen.toyworld.demo import DemoDomainDataModule
-from tests.conftest import quiet_trainer, run_python
+from tests.conftest import quiet_trainer, run_python, tiny_finetune_module
 
 pytestmark = pytest.mark.gpu
 DEVICE = os.environ.get("IDGEN_GPU_TEST_DEVICE", "cuda")
@@ -75,12 +73,7 @@ def test_amp_null_text_finetuning_steps_are_finite(tmp_path, precision):
     if DEVICE == "cpu" and precision == "16-mixed":
         pytest.skip("16-mixed needs CUDA")
     L.seed_everything(0)
-    module = NullTextFinetuneModule(
-        model_loader=functools.partial(build_tiny_sd, seed=0),
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
-        export_on_fit_end=False,
-        output_dir=str(tmp_path / "run"),
-    )
+    module = tiny_finetune_module(tmp_path / "run")
     trainer = quiet_trainer(
         tmp_path / "run",
         4,
@@ -110,7 +103,7 @@ def test_amp_null_text_finetuning_steps_are_finite(tmp_path, precision):
 
 DDP_SCRIPT = textwrap.dedent(
     """
-    import functools, sys
+    import sys
     from pathlib import Path
 
     import lightning as L
@@ -118,18 +111,11 @@ DDP_SCRIPT = textwrap.dedent(
     from lightning.pytorch.strategies import DDPStrategy
 
     from idgen.toyworld.demo import DemoDomainDataModule
-    from tests.conftest import quiet_trainer
-    from idgen.models import build_tiny_sd
-    from idgen.modules import NullTextFinetuneModule
+    from tests.conftest import quiet_trainer, tiny_finetune_module
 
     out, accelerator = Path(sys.argv[1]), sys.argv[2]
     L.seed_everything(0)
-    module = NullTextFinetuneModule(
-        model_loader=functools.partial(build_tiny_sd, seed=0),
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
-        export_on_fit_end=False,
-        output_dir=str(out / "run"),
-    )
+    module = tiny_finetune_module(out / "run")
     backend = "nccl" if accelerator == "gpu" else "gloo"
     trainer = quiet_trainer(
         out / "run", 3, accelerator=accelerator, precision="bf16-mixed",

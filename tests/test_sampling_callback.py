@@ -27,6 +27,7 @@ from idgen.sampling import (
 )
 from idgen.toyworld.demo import DemoDomainDataModule
 from idgen.utils.images import make_grid
+from tests.conftest import quiet_trainer, tiny_finetune_module
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 PROMPT = "a photo of a red circle"
@@ -61,13 +62,7 @@ def test_readme_predict_example_runs_as_written(tmp_path):
 
 
 def _finetune_module(tmp_path, sd) -> NullTextFinetuneModule:
-    return NullTextFinetuneModule(
-        model_loader=lambda: sd,
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.0),
-        domain="shapes",
-        output_dir=str(tmp_path / "out"),
-        export_on_fit_end=False,
-    )
+    return tiny_finetune_module(tmp_path / "out", sd, weight_decay=0.0, domain="shapes")
 
 
 def test_validation_grids_use_decoupled_guidance_and_match_predict(tmp_path):
@@ -85,16 +80,7 @@ def test_validation_grids_use_decoupled_guidance_and_match_predict(tmp_path):
         val_images_per_prompt=2,
     )
     logger = TensorBoardLogger(str(tmp_path / "tb"), name="", version="")
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        devices=1,
-        callbacks=[sampling],
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(tmp_path, 2, callbacks=[sampling], logger=logger, limit_val_batches=0)
     data = DemoDomainDataModule(root=str(tmp_path / "demo"), num_images=4, batch_size=2)
     trainer.fit(module, datamodule=data)
 

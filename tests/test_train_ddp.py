@@ -20,18 +20,13 @@ SCRIPT = textwrap.dedent(
 
     from idgen.callbacks.ema import EMAWeights
     from idgen.toyworld.demo import DemoDomainDataModule
-    from tests.conftest import quiet_trainer
+    from tests.conftest import quiet_trainer, tiny_finetune_module
     from idgen.models import build_tiny_sd
-    from idgen.modules import NullTextFinetuneModule
     from idgen.sampling import DecoupledGuidanceSampling, SamplerSettings
 
     out = Path(sys.argv[1])
     L.seed_everything(0)
-    module = NullTextFinetuneModule(
-        model_loader=functools.partial(build_tiny_sd, seed=0),
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
-        output_dir=str(out / "run"),
-    )
+    module = tiny_finetune_module(out / "run", export_on_fit_end=True)
     sampling = DecoupledGuidanceSampling(
         sd=functools.partial(build_tiny_sd, seed=0),
         settings=SamplerSettings(num_inference_steps=2),

@@ -3,24 +3,17 @@ changes no training step."""
 
 from __future__ import annotations
 
-import functools
 import math
 
 import lightning as L
 import torch
 
-from idgen.models import build_tiny_sd
-from idgen.modules import NullTextFinetuneModule
 from idgen.toyworld.demo import DemoDomainDataModule
+from tests.conftest import tiny_finetune_module
 
 
 def _fit(tmp_path, validate: bool):
-    module = NullTextFinetuneModule(
-        model_loader=functools.partial(build_tiny_sd, seed=0),
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
-        export_on_fit_end=False,
-        output_dir=str(tmp_path / "out"),
-    )
+    module = tiny_finetune_module(tmp_path / "out")
     # 8 images, 2 held out: 3 training batches an epoch, validation after steps 3 and 6
     data = DemoDomainDataModule(
         root=str(tmp_path / "demo"), num_images=8, batch_size=2, val_fraction=0.25, random_flip=True

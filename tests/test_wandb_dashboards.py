@@ -9,7 +9,6 @@ records; wandb 0.31 ships no Python reader for it, so a small one is below).
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import struct
 import time
@@ -22,10 +21,9 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from idgen.models import build_tiny_sd
-from idgen.modules import NullTextFinetuneModule
 from idgen.sample import sample
 from idgen.toyworld.demo import DemoDomainDataModule
-from tests.conftest import compose_config
+from tests.conftest import compose_config, quiet_trainer, tiny_finetune_module
 
 
 @pytest.fixture(autouse=True)
@@ -112,13 +110,7 @@ def history_keys(run: dict) -> set[str]:
 
 def test_training_logs_loss_lr_and_grad_norm(tmp_path):
     sd = build_tiny_sd(seed=0)
-    module = NullTextFinetuneModule(
-        model_loader=lambda: sd,
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
-        domain="shapes",
-        output_dir=str(tmp_path / "out"),
-        export_on_fit_end=False,
-    )
+    module = tiny_finetune_module(tmp_path / "out", sd, domain="shapes")
     expected: list[float] = []
 
     class NormProbe(L.Callback):  # the same total, computed from the module's parameters
@@ -128,16 +120,12 @@ def test_training_logs_loss_lr_and_grad_norm(tmp_path):
 
     wandb_logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="idgen-test")
     csv_logger = CSVLogger(str(tmp_path), name="csv", version="")
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=3,
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        tmp_path,
+        3,
         logger=[wandb_logger, csv_logger],
         log_every_n_steps=1,
         callbacks=[LearningRateMonitor(logging_interval="step"), NormProbe()],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
     )
     data = DemoDomainDataModule(root=str(tmp_path / "demo"), num_images=4, batch_size=2)
