@@ -33,6 +33,11 @@ def test_only_the_known_deprecation_is_silenced():
         warnings.warn(
             "`isinstance(treespec, LeafSpec)` is deprecated", DeprecationWarning, stacklevel=1
         )
+        warnings.warn(  # Lightning's, at every fit: our frozen parts are in eval mode on purpose
+            "Found 185 module(s) in eval mode at the start of training. This may lead to ...",
+            UserWarning,
+            stacklevel=1,
+        )
         warnings.warn("something of ours", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["something of ours"]
 

@@ -1,8 +1,10 @@
 """Library noise off, our own lines on: each stage should say one clear thing, not ten.
 
 Lightning prints a product tip, "GPU available: False..." and "TPU available..." at every
-Trainer, and a deprecation from its own pytree helper on every predict/fit; none of it is
-actionable for an idgen user. Only these exact messages are dropped: other warnings and every
+Trainer, a deprecation from its own pytree helper on every predict/fit, and at every fit
+"Found N module(s) in eval mode": idgen's frozen parts (VAE, text encoder, the base UNet) are
+in eval mode on purpose, and SD's blocks have no dropout or batch norm whose mode would change
+training. None of it is actionable for an idgen user. Only these exact messages are dropped: other warnings and every
 line of ours stay.
 """
 
@@ -13,8 +15,11 @@ import warnings
 
 # Lightning's rank-zero info lines that repeat at every Trainer (sweeps: at every job)
 _LIGHTNING_NOISE = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:")
-# deprecations raised inside libraries, not by our calls
-_WARNING_NOISE = (r".*isinstance\(treespec, LeafSpec\).*",)
+# warnings raised inside libraries, not by our calls (see the module docstring)
+_WARNING_NOISE = (
+    r".*isinstance\(treespec, LeafSpec\).*",
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+)
 
 
 class _DropPrefixes(logging.Filter):
