@@ -8,6 +8,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -242,19 +243,16 @@ def _loggers(
     return loggers
 
 
+# What only stage 2 uses: stage 1 trains text features, which are neither checkpointed (a
+# finished stage 1 is reused) nor averaged.
+_STAGE2_ONLY = (ModelCheckpoint, EMAWeights)
+
+
 def _callbacks(cfg: DictConfig, stage2: bool) -> list[L.Callback]:
-    """``cfg.callbacks``; stage 1 gets neither the checkpoints nor the EMA (``callbacks.ema``):
-    it trains text features, not the weights that EMAWeights averages."""
-    callbacks = []
-    for key, node in (cfg.get("callbacks") or {}).items():
-        if not isinstance(node, DictConfig) or "_target_" not in node:
-            continue
-        if not stage2 and key == "model_checkpoint":
-            continue
-        callback = instantiate(node)
-        if stage2 or not isinstance(callback, EMAWeights):
-            callbacks.append(callback)
-    return callbacks
+    """``cfg.callbacks``; without the checkpoints and the EMA for stage 1."""
+    nodes = (cfg.get("callbacks") or {}).values()
+    callbacks = [instantiate(n) for n in nodes if isinstance(n, DictConfig) and "_target_" in n]
+    return [c for c in callbacks if stage2 or not isinstance(c, _STAGE2_ONLY)]
 
 
 def _plugins(cfg: DictConfig) -> dict:

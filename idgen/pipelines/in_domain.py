@@ -14,7 +14,7 @@ import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import diffusers
 import numpy as np
@@ -428,7 +428,7 @@ class InDomainPipeline(DiffusionPipeline):
         control_image: Any,
     ) -> None:
         """Raise on bad call arguments before any model runs (diffusers' ``check_inputs``)."""
-        if weights not in ("auto", "fixed"):
+        if weights not in get_args(WeightMode):
             raise ValueError(f"weights must be 'auto' or 'fixed', got {weights!r}")
         if prompt is None and prompt_embeds is None:
             raise ValueError("give prompt (a string or list of strings) or prompt_embeds")
