@@ -21,11 +21,11 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never open a window (headless nodes, sweep callbacks)
 
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib import font_manager  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
+from idgen.utils.images import font as label_font  # noqa: E402
 from idgen.utils.io import save_image_atomic  # noqa: E402
 
 
@@ -114,13 +114,6 @@ class MontageLayout:
     boxes: dict[tuple[int, int], tuple[int, int]]
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    try:  # matplotlib ships DejaVu Sans: crisp, scalable labels without a system font
-        return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
-    except OSError:  # pragma: no cover
-        return ImageFont.load_default()
-
-
 def draw_montage(
     cells: dict[tuple[int, int], Sequence[str | os.PathLike]],
     x_values: Sequence,
@@ -136,7 +129,7 @@ def draw_montage(
     of ``cells[(r, c)]`` side by side at ``thumb`` px. Missing cells stay blank."""
     rows, cols = len(y_values), len(x_values)
     gap, pad = 4, 10
-    font, small = _font(15), _font(13)
+    font, small = label_font(15), label_font(13)
     left = 16 + max(int(small.getlength(f"{y_label}={_axis_label(v)}")) for v in y_values)
     top = (28 if title else 0) + 30
     cell_w = per_cell * thumb + (per_cell - 1) * 2

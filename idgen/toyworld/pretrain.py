@@ -62,6 +62,7 @@ from idgen.toyworld.render import (
     render_world,
     to_tensor,
 )
+from idgen.utils.io import replace_dir
 
 RESOLUTION = 32
 
@@ -313,14 +314,7 @@ def _save_atomically(pipe: StableDiffusionPipeline, out: Path, extra: dict[str, 
         pipe.save_pretrained(tmp, safe_serialization=True)
         for name, text in extra.items():
             (tmp / name).write_text(text)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 
-def _font(cell_width: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    # Pillow's built-in font, sized to the cells: readable under 64px thumbnails and 512px images.
-    return ImageFont.load_default(size=max(10, cell_width // 16))
+def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's built-in scalable font at ``size`` px: the one font of idgen's drawn figures."""
+    return ImageFont.load_default(size=size)
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
@@ -53,22 +53,22 @@ def make_grid(
     nrows = math.ceil(len(images) / ncols)
     w, h = images[0].size
     width = ncols * w + (ncols + 1) * pad
-    font = _font(w)
+    text_font = font(max(10, w // 16))  # sized to the cells: readable at 64 px and at 512 px
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    line = font.getbbox("Hg")[3] + 4  # one text line: tallest glyphs plus a little air
-    title_lines = _wrap(measure, title, font, width - 2 * pad) if title else []
+    line = text_font.getbbox("Hg")[3] + 4  # one text line: tallest glyphs plus a little air
+    title_lines = _wrap(measure, title, text_font, width - 2 * pad) if title else []
     top = len(title_lines) * line + (pad if title_lines else 0)
     label_h = line if labels is not None else 0
     height = top + nrows * (h + label_h) + (nrows + 1) * pad
     grid = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(grid)
     for k, text in enumerate(title_lines):
-        draw.text((pad, pad + k * line), text, fill="black", font=font)
+        draw.text((pad, pad + k * line), text, fill="black", font=text_font)
     for i, image in enumerate(images):
         r, c = divmod(i, ncols)
         left, upper = pad + c * (w + pad), top + pad + r * (h + label_h + pad)
         grid.paste(image.convert("RGB"), (left, upper))
         if labels is not None:
-            text = _fit(draw, str(labels[i]), font, w - 4)
-            draw.text((left + 2, upper + h + 2), text, fill="black", font=font)
+            text = _fit(draw, str(labels[i]), text_font, w - 4)
+            draw.text((left + 2, upper + h + 2), text, fill="black", font=text_font)
     return grid
