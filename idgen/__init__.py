@@ -4,13 +4,13 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-# The Hydra config tree lives beside the package (repository layout, editable install).
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# The Hydra config tree ships inside the package, so a wheel install finds it too.
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 def _register_resolvers() -> None:
     # `${idgen.package_dir:}` in configs: files shipped inside the package (the toy base)
-    # without writing any machine's absolute path into conf/.
+    # without writing any machine's absolute path into the configs.
     from omegaconf import ListConfig, OmegaConf
 
     if not OmegaConf.has_resolver("idgen.package_dir"):

@@ -212,7 +212,7 @@ def test_subprocess_exit_status_and_single_line(places):
 
 def test_null_config_groups_are_accepted(places, monkeypatch, capsys):
     """``logger=null`` (as the README lists) means no logger, not a Hydra traceback."""
-    conf = REPO / "conf"
+    conf = REPO / "idgen" / "conf"
     assert accept_null_groups(["x", "logger=null", "seed=null", "callbacks=none"], conf) == [
         "x",
         "~logger",

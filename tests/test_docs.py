@@ -1,7 +1,7 @@
 """Docs are tests: every command shown in README.md, experiments/**/*.md and the config headers.
 
 Commands are found automatically (fenced shell blocks, inline code spans that start with a
-command, ``#   <command>`` lines at the top of conf/**/*.yaml), so new docs are covered without
+command, ``#   <command>`` lines at the top of idgen/conf/**/*.yaml), so new docs are covered without
 editing this file. Each one is checked the cheapest way that still fails when the doc is wrong:
 
 - ``idgen-train|sample|eval|3d`` and ``python -m idgen.<entry point>``: every override must parse
@@ -312,7 +312,7 @@ def test_commands_are_found():
     assert len(texts) >= 20
     for needle in ("idgen-train", "idgen-sample", "idgen-eval hparams_search=guidance_grid"):
         assert any(t.startswith(needle) for t in texts), needle
-    assert any(c.source.startswith("conf/") for c in all_commands())
+    assert any(c.source.startswith("idgen/conf/") for c in all_commands())
     assert any(c.source.startswith("experiments/") for c in all_commands())
 
 

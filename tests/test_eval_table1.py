@@ -38,6 +38,6 @@ def test_table1_from_run_dirs(tmp_path, capsys):
 
 def test_attribute_prompt_file_matches_metric_suite():
     prompts = (REPO / "experiments" / "face_attribute_prompts.txt").read_text().splitlines()
-    suite = OmegaConf.load(REPO / "conf" / "metrics" / "face_attributes.yaml")
+    suite = OmegaConf.load(REPO / "idgen" / "conf" / "metrics" / "face_attributes.yaml")
     assert prompts == [a.prompt for a in suite.attributes]
     assert len(prompts) == 10

@@ -40,7 +40,7 @@ def run_guidance_sweep(tmp_path: Path, extra: list[str] = ()) -> Path:
     ref = make_demo_domain(tmp_path / "ref", num_images=8, resolution=64, seed=0)
     domain = export_domain_model(tmp_path / "domain_model")
     sweep = tmp_path / "sweep"
-    # the documented form (conf/hparams_search/guidance_grid.yaml): sample.<field>=...
+    # the documented form (idgen/conf/hparams_search/guidance_grid.yaml): sample.<field>=...
     cmd = [
         "-m", "idgen.evaluate", "hparams_search=guidance_grid",
         f"hydra.sweep.dir={sweep}", f"reference_dir={ref}", "device=cpu",

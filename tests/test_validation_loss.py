@@ -24,7 +24,7 @@ def _fit(tmp_path, validate: bool):
         devices=1,
         max_steps=7,
         max_epochs=-1,
-        check_val_every_n_epoch=None,  # conf/trainer/default.yaml
+        check_val_every_n_epoch=None,  # idgen/conf/trainer/default.yaml
         val_check_interval=None,
         num_sanity_val_steps=0,
         limit_val_batches=None if validate else 0,

@@ -4,7 +4,7 @@
 
 Rows: the base, textual inversion, Custom Diffusion, OFT, fine-tuning, fine-tuning + LoRA and
 ours, trained on the same domain folder (shapes on dark backgrounds, unlabeled) with the same
-batch and steps (``conf/experiment/toyworld*.yaml``). Columns: #param; domain fidelity (dark
+batch and steps (``idgen/conf/experiment/toyworld*.yaml``). Columns: #param; domain fidelity (dark
 fraction and the small-extractor FID of samples of the domain prompt against the domain set);
 text alignment (colour accuracy and dark fraction on the 12 colour x shape prompts); spatial
 alignment (mask IoU and dark fraction with the toy ControlNet in the control term, for every

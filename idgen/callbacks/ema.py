@@ -1,4 +1,4 @@
-"""EMA of the trained weights as a Lightning callback (``conf/callbacks/ema.yaml``).
+"""EMA of the trained weights as a Lightning callback (``idgen/conf/callbacks/ema.yaml``).
 
 The averaging itself is :class:`idgen.modules.ema.EMA`. Lightning's ``WeightAveraging`` and
 diffusers' ``EMAModel`` were not used: the first deep-copies the whole module (frozen VAE

@@ -223,6 +223,6 @@ def evaluate_folder(
     if canny_options is not None:
         results.update(condition_canny_metrics(paths, canny_options))
 
-    # 4. metrics of other suites (conf/metrics/*.yaml `extra`)
+    # 4. metrics of other suites (idgen/conf/metrics/*.yaml `extra`)
     results.update(extra_suite_metrics(paths, Path(samples_dir), extra_metrics or ()))
     return results

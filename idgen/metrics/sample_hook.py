@@ -26,7 +26,7 @@ from idgen.utils.log_media import GROUP_ENV, sweep_group
 
 log = logging.getLogger(__name__)
 
-# hook field -> idgen-sample override key (conf/sample.yaml); null fields are not forwarded
+# hook field -> idgen-sample override key (idgen/conf/sample.yaml); null fields are not forwarded
 FIELDS: dict[str, str] = {
     "model": "model",
     "pretrained": "model.pretrained",
@@ -55,7 +55,7 @@ def _value(v) -> str:
 
 
 def sample_overrides(sample: DictConfig, run_dir: Path | None = None) -> list[str]:
-    """idgen-sample's overrides for the hook (names as in conf/sample.yaml).
+    """idgen-sample's overrides for the hook (names as in idgen/conf/sample.yaml).
 
     Order: the hook's named fields, then ``sample.overrides`` verbatim, then the image folder
     and, when ``run_dir`` is given, ``hydra.run.dir`` (what evaluation reads must agree).

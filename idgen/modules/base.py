@@ -59,7 +59,7 @@ class DiffusionTrainingModule(L.LightningModule):
     RNG state, and the export at the end of fit (:meth:`export` on rank 0, then a barrier so
     no rank reads a half-written result).
 
-    Args (every subclass takes them as keywords, ``conf/module/*.yaml`` sets them):
+    Args (every subclass takes them as keywords, ``idgen/conf/module/*.yaml`` sets them):
         model_loader: returns the SD pipeline whose parts are trained or frozen (lazily, in
             ``setup``).
         optimizer, lr_scheduler: partial constructors (``_partial_: true``) of the optimizer

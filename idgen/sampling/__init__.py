@@ -1,6 +1,6 @@
 """Guidance-decoupled sampling: settings, the plan, the predict-time callback, writer and trace.
 
-settings.py     SamplerSettings (conf/sampler/*.yaml) -> InDomainPipeline arguments
+settings.py     SamplerSettings (idgen/conf/sampler/*.yaml) -> InDomainPipeline arguments
 plan.py         index -> prompt, seed, file name; PromptsDataModule (prompts x seeds)
 callback.py     DecoupledGuidanceSampling: samples predict batches / validation grids
 domain_model.py DomainModel: an exported domain_model/ as a LightningModule

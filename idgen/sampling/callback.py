@@ -51,7 +51,7 @@ class DecoupledGuidanceSampling(Callback):
         sd: the frozen SD (a ``StableDiffusionPipeline``) or a callable that loads it (lazily).
         terms: the guidance terms (``GuidanceTerm``; the domain model is ``model="domain_unet"``,
             see :func:`idgen.guidance.decoupled_terms`); default: from ``settings``.
-        settings: scheduler, steps, ControlNet, SDEdit image, ... (``conf/sampler/*.yaml``);
+        settings: scheduler, steps, ControlNet, SDEdit image, ... (``idgen/conf/sampler/*.yaml``);
             default ``SamplerSettings()`` (decoupled, automatic weights, DPM-Solver++ 100 steps).
         out_dir: where images go (default: the trainer's ``default_root_dir``).
         batch_size: rows per pipeline call; each batch is padded to it so an image is computed

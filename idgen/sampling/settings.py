@@ -1,4 +1,4 @@
-"""What decides an image besides its prompt and seed: ``conf/sampler/*.yaml`` -> pipeline arguments.
+"""What decides an image besides its prompt and seed: ``idgen/conf/sampler/*.yaml`` -> pipeline arguments.
 
 ``SamplerSettings.pipeline_kwargs`` is the one place where settings become ``InDomainPipeline``
 arguments; ``w_d`` / ``w_c`` become the first two guidance terms there
@@ -21,7 +21,7 @@ BASELINE_MODES = ("pipeline", "rectify")
 
 @dataclass
 class SamplerSettings:
-    """Everything that decides an image besides its prompt and seed (``conf/sampler/*.yaml``).
+    """Everything that decides an image besides its prompt and seed (``idgen/conf/sampler/*.yaml``).
 
     Paths (``controlnet``, ``control_image``, ``image``, each ``extra_guidance[i].model``) are
     strings, opened only when sampling starts. ``extra_guidance`` entries are dicts with the

@@ -59,7 +59,7 @@ class Recipe(TrainingRecipe):
     # The ControlNet acts in the control term only, so w_c amplifies its residuals too: at
     # scale 1 and w_c 2.5 samples took the mask's look (dark backgrounds, colour 0.47 on a
     # validation set); 0.5 kept colour (0.84) and placed objects better (IoU 0.78 vs 0.71).
-    # conf/sampler/controlnet_toyworld.yaml uses the same value.
+    # idgen/conf/sampler/controlnet_toyworld.yaml uses the same value.
     conditioning_scale: float = 0.5
 
 

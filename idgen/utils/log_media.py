@@ -52,7 +52,7 @@ def instantiate_loggers(
         if not isinstance(node, DictConfig) or "_target_" not in node:
             continue
         kwargs: dict[str, Any] = {}
-        if "group" in node:  # the wandb config (conf/logger/wandb.yaml)
+        if "group" in node:  # the wandb config (idgen/conf/logger/wandb.yaml)
             kwargs = dict(wandb_kwargs)
             if node.group is None and group and "group" not in kwargs:
                 kwargs["group"] = group
