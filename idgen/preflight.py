@@ -21,6 +21,7 @@ from typing import Any, get_args
 from omegaconf import DictConfig, OmegaConf
 
 from idgen.data.images import DEFAULT_EXTENSIONS
+from idgen.models.family import check_folder_family, family_named, family_of
 from idgen.models.loading import missing_parts
 from idgen.pipelines.in_domain import WeightMode
 from idgen.sampling.settings import BASELINE_MODES
@@ -66,6 +67,16 @@ def base_geometry(model: DictConfig | dict | None) -> dict[str, Any]:
         return {}
     model = OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else model
     target = str(model.get("_target_", ""))
+    if target.endswith("build_tiny_sdxl"):
+        # idgen.models.tiny_sdxl's fixed geometry (factor-8 VAE, 8x8x4 latents, 64-wide context)
+        return {
+            "vae_factor": 8,
+            "in_channels": 4,
+            "sample_size": 8,
+            "cross_attention_dim": 64,
+            "name": "tiny_sdxl",
+            "family": "sdxl",
+        }
     if target.endswith("build_tiny_sd"):
         # idgen.models.tiny's fixed geometry (a factor-8 VAE, 8x8x4 latents)
         return {
@@ -74,12 +85,16 @@ def base_geometry(model: DictConfig | dict | None) -> dict[str, Any]:
             "sample_size": 8,
             "cross_attention_dim": int(model.get("cross_attention_dim") or 32),
             "name": "tiny",
+            "family": "sd15",
         }
     source = model.get("pretrained")
     if not source:
         return {}
     source = os.path.expanduser(str(source))
-    geometry: dict[str, Any] = {"name": str(model.get("pretrained"))}
+    geometry: dict[str, Any] = {
+        "name": str(model.get("pretrained")),
+        "family": str(model.get("family") or "sd15"),
+    }
     if not _looks_local(source):
         geometry["vae_factor"] = 8  # a hub id: the SD1.5 family's VAE
         return geometry
@@ -101,7 +116,10 @@ def check_base_model(cfg: DictConfig, key: str = "model") -> dict[str, Any]:
         raise ConfigError(key, None, "no base model configured", "Pass model=tiny or model=sd15.")
     pretrained = get(cfg, f"{key}.pretrained") if "pretrained" in model else None
     if pretrained and _looks_local(os.path.expanduser(str(pretrained))):
-        missing = missing_parts(os.path.expanduser(str(pretrained)))
+        # A folder of another family (model_index.json) is named before anything else.
+        family = family_named(str(model.get("family") or "sd15"))
+        check_folder_family(os.path.expanduser(str(pretrained)), family)
+        missing = missing_parts(os.path.expanduser(str(pretrained)), family.components)
         if missing:
             raise ConfigError(
                 f"{key}.pretrained",
@@ -150,7 +168,7 @@ def check_train_data(cfg: DictConfig, geometry: dict[str, Any]) -> None:
         raise ConfigError("data", None, "no data configured", "Pass data=folder data.root=<dir>.")
     check_resolution(cfg, "data.resolution", geometry)
     check_int(cfg, "data.batch_size")
-    check_int(cfg, "data.num_workers", minimum=0)
+    check_int(cfg, "data.num_workers", minimum=0, optional=True)  # null: computed
     check_int(cfg, "data.max_images", optional=True)
     if "num_images" in cfg.data:
         check_int(cfg, "data.num_images")
@@ -472,6 +490,10 @@ def base_mismatches(unet: dict[str, Any], path: Path, base: dict[str, Any]) -> l
         ours, theirs = unet.get(field), base.get(field)
         if ours is not None and theirs is not None and ours != theirs:
             mismatches.append(f"{name} {ours} (base model: {theirs})")
+    theirs = base.get("family")
+    ours = family_of(unet).name if unet else None
+    if ours and theirs and ours != theirs:
+        mismatches.append(f"model family {ours} (base model: {theirs})")
     meta = _read_json(path / "idgen_domain.json") or {}
     recorded = meta.get("base_model")
     configured = base.get("name")

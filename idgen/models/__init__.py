@@ -1,7 +1,21 @@
-"""Stable Diffusion loading, the tiny preset and the null-text domain UNet."""
+"""Stable Diffusion loading, the model families, the tiny presets and the null-text domain UNet."""
 
+from idgen.models.family import FAMILIES, FamilyError, ModelFamily, family_named, family_of
 from idgen.models.loading import SDLoadError, load_sd, missing_parts
 from idgen.models.null_text_unet import NullTextUNet
 from idgen.models.tiny import build_tiny_sd
+from idgen.models.tiny_sdxl import build_tiny_sdxl
 
-__all__ = ["NullTextUNet", "SDLoadError", "build_tiny_sd", "load_sd", "missing_parts"]
+__all__ = [
+    "FAMILIES",
+    "FamilyError",
+    "ModelFamily",
+    "NullTextUNet",
+    "SDLoadError",
+    "build_tiny_sd",
+    "build_tiny_sdxl",
+    "family_named",
+    "family_of",
+    "load_sd",
+    "missing_parts",
+]

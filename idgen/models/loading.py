@@ -64,20 +64,22 @@ def _looks_like_path(path_or_id: str) -> bool:
     )
 
 
-def missing_parts(folder: str | Path) -> list[str]:
-    """What a diffusers SD1.5 folder lacks; an empty list means it looks complete."""
+def missing_parts(
+    folder: str | Path, components: tuple[str, ...] = REQUIRED_COMPONENTS
+) -> list[str]:
+    """What a diffusers folder lacks of ``components`` (default SD1.5's); empty: complete."""
     folder = Path(folder)
     if not folder.is_dir():
         return ["the folder itself"]
     missing = []
     if not (folder / "model_index.json").is_file():
         missing.append("model_index.json")
-    for name in REQUIRED_COMPONENTS:
+    for name in components:
         sub = folder / name
         if not sub.is_dir():
             missing.append(f"{name}/")
             continue
-        if name == "tokenizer":
+        if name.startswith("tokenizer"):
             if not (sub / "vocab.json").is_file() and not (sub / "tokenizer.json").is_file():
                 missing.append(f"{name}/vocab.json (or tokenizer.json)")
         elif name == "scheduler":
@@ -112,17 +114,25 @@ def load_sd(
     device: str | torch.device | None = None,
     variant: str | None = None,
     local_files_only: bool | None = None,
+    family: str = "sd15",
 ) -> StableDiffusionPipeline:
-    """Load an SD1.5-layout ``StableDiffusionPipeline`` from a local folder or a hub id.
+    """Load a pipeline of model ``family`` (``sd15``, ``sdxl``: its diffusers ``txt2img`` class)
+    from a local folder or a hub id.
 
-    The safety checker is not loaded. Offline (``HF_HUB_OFFLINE=1``) a missing or incomplete
-    folder raises ``SDLoadError`` naming the path, what is missing and how to get the weights.
+    The safety checker (SD1.5) and the watermark (SDXL) are left out. A local folder of another
+    family (read from its ``model_index.json``) raises ``FamilyError`` before anything loads.
+    Offline (``HF_HUB_OFFLINE=1``) a missing or incomplete folder raises ``SDLoadError`` naming
+    the path, what is missing and how to get the weights.
     """
+    from idgen.models.family import check_folder_family, family_named
+
+    spec = family_named(family)
     torch_dtype = parse_optional_dtype(torch_dtype, "model.torch_dtype")
     source = os.path.expanduser(str(pretrained))
     is_local = Path(source).exists() or _looks_like_path(source)
     if is_local:
-        missing = missing_parts(source)
+        check_folder_family(source, spec)
+        missing = missing_parts(source, spec.components)
         if missing:
             raise SDLoadError(
                 f"Stable Diffusion folder '{source}' is not usable: missing {', '.join(missing)}. "
@@ -132,12 +142,11 @@ def load_sd(
     elif local_files_only is None:
         local_files_only = _offline()
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
+        pipe = spec.txt2img.from_pretrained(
             source,
             torch_dtype=torch_dtype,
             variant=variant,
-            **NO_SAFETY_CHECKER,
-            requires_safety_checker=False,
+            **dict(spec.load_kwargs),
             local_files_only=local_files_only,
         )
     except (OSError, ValueError) as err:

@@ -1,0 +1,274 @@
+"""Model families: what differs between SD1.5 and SDXL bases, in one object each.
+
+The rest of idgen asks the family (``family_of(pipe)``) how to encode prompts, what the
+unconditional branch is, what added conditions a UNet needs per image, which diffusers
+pipelines are the reference and how a folder is recognised; it never tests for a family by
+name. A new family (SD3) is one more :class:`ModelFamily` in :data:`FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    ControlNetModel,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+)
+
+from idgen.models.text import encode_text
+from idgen.models.tiny import build_tiny_sd
+from idgen.models.tiny_sdxl import build_tiny_sdxl
+from idgen.utils.validation import UserInputError
+
+
+class FamilyError(UserInputError, ValueError):
+    """A model (folder, pipeline, UNet) is not of the family the config asks for."""
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What one base family needs; the defaults are SD1.5's (one CLIP, no added conditions)."""
+
+    name: str
+    #: ``model_index.json`` ``_class_name`` values of this family's folders
+    class_names: tuple[str, ...]
+    #: components a folder needs (checked before loading)
+    components: tuple[str, ...]
+    txt2img: type
+    img2img: type
+    controlnet_pipeline: type
+    controlnet_class: type
+    default_resolution: int
+    build_tiny: Callable[..., Any]
+    #: the UNet's ``addition_embed_type`` (None: text reaches it through cross-attention only)
+    addition_embed_type: str | None = None
+    #: keyword arguments ``txt2img.from_pretrained`` needs beside the weights
+    load_kwargs: tuple[tuple[str, Any], ...] = ()
+
+    # --- prompts -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(
+        self, pipe: Any, texts: Sequence[str], device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(prompt_embeds [N, 77, D], pooled [N, P] or None)`` of ``texts``, as the family's
+        diffusers pipeline encodes them (fp32 out when the encoders are fp32)."""
+        return encode_text(pipe.tokenizer, pipe.text_encoder, texts, device), None
+
+    def uncond_embeds(
+        self, pipe: Any, prompt_embeds: torch.Tensor, pooled: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The unconditional branch ``eps_sd(z, "")``'s text input, one row per prompt row."""
+        embeds, pooled_u = self.encode_prompt(pipe, [""], prompt_embeds.device)
+        rows = prompt_embeds.shape[0]
+        embeds = embeds.to(prompt_embeds.dtype).expand(rows, -1, -1)
+        return embeds, None if pooled_u is None else pooled_u.to(pooled.dtype).expand(rows, -1)
+
+    # --- added conditions --------------------------------------------------------------------
+    def time_ids(
+        self, original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The UNet's per-image size conditioning (``[B, 6]``), or None for families without."""
+        return None
+
+    def batch_time_ids(self, batch: dict) -> torch.Tensor | None:
+        """:meth:`time_ids` of a training batch (its ``original_size``, ``crop_top_left`` and
+        ``target_size``, recorded by the data module)."""
+        if self.addition_embed_type is None:
+            return None
+        missing = [k for k in ("original_size", "crop_top_left", "target_size") if k not in batch]
+        if missing:
+            raise ValueError(
+                f"model family '{self.name}' needs each image's {missing} in the batch "
+                "(idgen.data.DomainImageDataModule records them)."
+            )
+        return self.time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"])
+
+    def added_cond_kwargs(
+        self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None
+    ) -> dict[str, torch.Tensor] | None:
+        """``added_cond_kwargs`` of a UNet call (None when the family has no added conditions)."""
+        if self.addition_embed_type is None:
+            return None
+        return {"text_embeds": pooled, "time_ids": time_ids}
+
+    # --- recognition -------------------------------------------------------------------------
+    def owns_unet_config(self, config: Any) -> bool:
+        """Whether a UNet config (dict or FrozenDict) is of this family."""
+        return dict(config).get("addition_embed_type") == self.addition_embed_type
+
+
+@dataclass(frozen=True)
+class SDXLFamily(ModelFamily):
+    """SDXL: two CLIP encoders, pooled text and size ids as added conditions, zero uncond."""
+
+    @torch.no_grad()
+    def encode_prompt(self, pipe, texts, device=None):
+        # StableDiffusionXLPipeline.encode_prompt itself (both encoders' hidden_states[-2]
+        # concatenated; pooled = encoder 2's projection), so training and sampling see exactly
+        # what diffusers feeds the UNet.
+        device = device if device is not None else pipe.text_encoder_2.device
+        embeds, _, pooled, _ = StableDiffusionXLPipeline.encode_prompt(
+            pipe, list(texts), device=device, do_classifier_free_guidance=False
+        )
+        return embeds, pooled
+
+    def uncond_embeds(self, pipe, prompt_embeds, pooled):
+        if getattr(pipe.config, "force_zeros_for_empty_prompt", True):
+            # diffusers' SDXL default: the unconditional branch is all zeros, not "".
+            return torch.zeros_like(prompt_embeds), torch.zeros_like(pooled)
+        return super().uncond_embeds(pipe, prompt_embeds, pooled)
+
+    def time_ids(self, original_size, crop_top_left, target_size):
+        parts = [
+            torch.as_tensor(x).reshape(-1, 2) for x in (original_size, crop_top_left, target_size)
+        ]
+        rows = max(p.shape[0] for p in parts)
+        return torch.cat([p.expand(rows, 2) for p in parts], dim=1).float()
+
+
+FAMILIES: dict[str, ModelFamily] = {
+    "sd15": ModelFamily(
+        name="sd15",
+        class_names=(
+            "StableDiffusionPipeline",
+            "StableDiffusionImg2ImgPipeline",
+            "InDomainPipeline",
+        ),
+        components=("vae", "text_encoder", "tokenizer", "unet", "scheduler"),
+        txt2img=StableDiffusionPipeline,
+        img2img=StableDiffusionImg2ImgPipeline,
+        controlnet_pipeline=StableDiffusionControlNetPipeline,
+        controlnet_class=ControlNetModel,
+        default_resolution=512,
+        build_tiny=build_tiny_sd,
+        load_kwargs=(
+            ("safety_checker", None),
+            ("feature_extractor", None),
+            ("requires_safety_checker", False),
+        ),
+    ),
+    "sdxl": SDXLFamily(
+        name="sdxl",
+        class_names=(
+            "StableDiffusionXLPipeline",
+            "StableDiffusionXLImg2ImgPipeline",
+            "InDomainXLPipeline",
+        ),
+        components=(
+            "vae",
+            "text_encoder",
+            "tokenizer",
+            "text_encoder_2",
+            "tokenizer_2",
+            "unet",
+            "scheduler",
+        ),
+        txt2img=StableDiffusionXLPipeline,
+        img2img=StableDiffusionXLImg2ImgPipeline,
+        controlnet_pipeline=StableDiffusionXLControlNetPipeline,
+        controlnet_class=ControlNetModel,
+        default_resolution=1024,
+        build_tiny=build_tiny_sdxl,
+        addition_embed_type="text_time",
+        load_kwargs=(("add_watermarker", False),),
+    ),
+}
+
+
+def family_named(name: str) -> ModelFamily:
+    """The family called ``name`` (``model.family``), or a one-line error listing them."""
+    if name not in FAMILIES:
+        raise FamilyError(f"model.family={name!r} is not known; use one of {sorted(FAMILIES)}.")
+    return FAMILIES[name]
+
+
+def folder_class_name(folder: str | os.PathLike) -> str | None:
+    """``_class_name`` of a diffusers folder's ``model_index.json`` (None when there is none)."""
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        return json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError):
+        return None
+
+
+def _by_components(names: set[str]) -> ModelFamily | None:
+    # The family whose components are all there, the one needing the most of them winning
+    # (an SDXL folder also has SD1.5's text_encoder/tokenizer).
+    fits = [f for f in FAMILIES.values() if set(f.components) <= names]
+    return max(fits, key=lambda f: len(f.components)) if fits else None
+
+
+def family_of(model: Any) -> ModelFamily:
+    """The family of a loaded pipeline, a diffusers folder, or a UNet (or its config).
+
+    Folders are recognised from ``model_index.json`` (``_class_name``, else its components);
+    pipelines from their class, else their components; UNets from ``addition_embed_type``.
+    """
+    if isinstance(model, str | os.PathLike):
+        name = folder_class_name(model)
+        for family in FAMILIES.values():
+            if name in family.class_names:
+                return family
+        index = Path(model) / "model_index.json"
+        if index.is_file():
+            keys = set(json.loads(index.read_text(encoding="utf-8")))
+            found = _by_components(keys)
+            if found is not None:
+                return found
+        raise FamilyError(
+            f"'{model}' is not a diffusers pipeline folder idgen knows (model_index.json "
+            f"_class_name={name!r}); known families: {sorted(FAMILIES)}."
+        )
+    config = getattr(model, "config", None)
+    if hasattr(model, "components"):  # a DiffusionPipeline
+        for family in FAMILIES.values():
+            if type(model).__name__ in family.class_names or isinstance(model, family.txt2img):
+                return family
+        found = _by_components({k for k, v in model.components.items() if v is not None})
+        if found is not None:
+            return found
+        raise FamilyError(f"cannot tell the model family of a {type(model).__name__}.")
+    unet_config = getattr(config, "unet_config", None) or config or model
+    for family in FAMILIES.values():
+        if family.owns_unet_config(unet_config):
+            return family
+    raise FamilyError(f"cannot tell the model family of {type(model).__name__}.")
+
+
+def describe_folder(folder: str | os.PathLike) -> str:
+    """What a folder is, for error messages: its family and ``_class_name``."""
+    name = folder_class_name(folder)
+    try:
+        return f"a {family_of(folder).name} folder ({name})"
+    except FamilyError:
+        return f"a folder of {name or 'no known pipeline (no model_index.json)'}"
+
+
+def check_folder_family(folder: str | os.PathLike, family: ModelFamily) -> None:
+    """Raise :class:`FamilyError` (one line, before anything loads) when a folder's
+    ``model_index.json`` says it is a pipeline of another family than ``family``."""
+    name = folder_class_name(folder)
+    if name is None:
+        return  # no model_index.json: the missing-parts check names it
+    try:
+        found = family_of(folder)
+    except FamilyError:
+        return  # an unknown pipeline class: loading it explains itself
+    if found is not family:
+        raise FamilyError(
+            f"'{folder}' is {describe_folder(folder)}, but model.family={family.name}; "
+            f"use model={found.name} (or a model config of that family) for it."
+        )
