@@ -10,7 +10,6 @@ guidance with scale ``w_c``, as in diffusers. The mixing and per-term state live
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,12 +23,21 @@ from diffusers import (
     AutoencoderKL,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
     UNet2DConditionModel,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.configuration_utils import FrozenDict
-from diffusers.image_processor import VaeImageProcessor
+from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
+from diffusers.loaders import (
+    FromSingleFileMixin,
+    IPAdapterMixin,
+    StableDiffusionLoraLoaderMixin,
+    TextualInversionLoaderMixin,
+)
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -37,6 +45,12 @@ from diffusers.utils.torch_utils import randn_tensor
 from idgen.guidance import CONTROL, DOMAIN, GuidanceTerm, Guider, decoupled_terms, is_active
 from idgen.models.text import accepts_text, encode_text
 from idgen.pipelines.controlnet_residuals import Chunk, Control, chunk_residuals, split_multi
+from idgen.pipelines.diffusers_call import (
+    DiffusersCallMixin,
+    extra_step_kwargs,
+    rescale_guided,
+    resolve_guidance_scale,
+)
 
 WeightMode = Literal["auto", "fixed"]
 UNCOND = "uncond"  # the frozen SD's unconditional prediction eps_sd(z, "")
@@ -102,23 +116,59 @@ def make_scheduler(config: Any, name: str = "dpm++") -> Any:
     return cls.from_config(config)
 
 
-class InDomainPipeline(DiffusionPipeline):
+class InDomainPipeline(
+    DiffusionPipeline,
+    StableDiffusionMixin,
+    TextualInversionLoaderMixin,
+    StableDiffusionLoraLoaderMixin,
+    IPAdapterMixin,
+    FromSingleFileMixin,
+    DiffusersCallMixin,
+):
     """Frozen SD1.5 + optional null-text domain UNet + optional ControlNet(s), multi-guidance sampling.
 
     Components: ``vae, text_encoder, tokenizer, unet`` (frozen SD), ``scheduler``, ``domain_unet``
     (a text-free model called as ``domain_unet(latents, t).sample``, e.g. ``NullTextUNet``;
-    optional) and ``controlnet`` (one ControlNet or a list; optional). Like
-    ``StableDiffusionPipeline`` it corrects old scheduler configs (``steps_offset``,
-    ``clip_sample``), and has ``enable_vae_slicing`` / ``enable_vae_tiling`` and ``from_pipe``
-    (``InDomainPipeline.from_pipe(sd_pipe, domain_unet=...)`` shares ``sd_pipe``'s models).
+    optional), ``controlnet`` (one ControlNet or a list; optional) and, for IP-Adapter,
+    ``image_encoder`` / ``feature_extractor`` (optional). Like ``StableDiffusionPipeline`` it
+    corrects old scheduler configs (``steps_offset``, ``clip_sample``), and has
+    ``enable_vae_slicing`` / ``enable_vae_tiling``, ``enable_freeu``, ``fuse_qkv_projections``,
+    ``from_pipe`` (``InDomainPipeline.from_pipe(sd_pipe, domain_unet=...)`` shares ``sd_pipe``'s
+    models), ``from_single_file`` (an original-layout SD1.5 ``.safetensors``; offline give
+    ``config=<a diffusers SD1.5 folder>``), ``load_lora_weights``, ``load_textual_inversion`` and
+    ``load_ip_adapter``.
+
+    LoRA, textual inversion, IP-Adapter and FreeU act on the frozen SD (``unet`` and
+    ``text_encoder``), i.e. on the control term *and* the unconditional prediction, exactly as on
+    ``StableDiffusionPipeline``: at ``w_d=0`` the images equal SD's with the same adapters. To put a
+    LoRA or a community checkpoint on the control term only (the paper's "customized model"),
+    load it into a separate SD pipeline and give its UNet (and text encoder) as the control term,
+    so that ``eps_sd(z, "")`` stays the plain frozen SD::
+
+        custom = StableDiffusionPipeline.from_single_file("community.safetensors", config=sd_dir)
+        custom.load_lora_weights("style_lora.safetensors")      # optional
+        pipe(prompt, guidance=[
+            GuidanceTerm("domain", "domain_unet", weight=3.5),
+            GuidanceTerm("control", custom.unet, text_encoder=custom.text_encoder, weight=3.5),
+        ])
+
+    From the command line: ``idgen-sample sampler=rectify sampler.extra_guidance.0.model=<folder or
+    .safetensors>`` (with ``sampler.extra_guidance.0.lora=[{path: ..., scale: ...}]``), while
+    ``sampler.lora=[...]`` loads LoRAs into the frozen SD as ``load_lora_weights`` does.
     """
 
-    model_cpu_offload_seq = "text_encoder->controlnet->unet->domain_unet->vae"
-    _optional_components = ["domain_unet", "controlnet"]
-    # What callback_on_step_end may ask for: the latents (may be replaced), the mixed prediction,
-    # eps_sd(z, ""), this step's fresh term predictions and the weights of the active terms.
+    model_cpu_offload_seq = "text_encoder->image_encoder->controlnet->unet->domain_unet->vae"
+    _optional_components = ["domain_unet", "controlnet", "image_encoder", "feature_extractor"]
+    # What callback_on_step_end may ask for: the latents (may be replaced), the control term's
+    # text rows (``prompt_embeds``) and the unconditional rows (``negative_prompt_embeds``), both
+    # replaceable from the next step on (diffusers' names; SD hands them over concatenated when
+    # CFG is on, we hand them over apart), the mixed prediction, eps_sd(z, ""), this step's fresh
+    # term predictions and the weights of the active terms (return ``guidance_weights`` to change
+    # them; ``pipeline._guidance_scale`` changes the control weight as in diffusers).
     _callback_tensor_inputs = [
         "latents",
+        "prompt_embeds",
+        "negative_prompt_embeds",
         "noise_pred",
         "eps_uncond",
         "guidance_preds",
@@ -134,6 +184,8 @@ class InDomainPipeline(DiffusionPipeline):
         scheduler: Any,
         domain_unet: Any = None,
         controlnet: Any = None,
+        image_encoder: Any = None,
+        feature_extractor: Any = None,
     ):
         super().__init__()
         fix_scheduler_config(scheduler)
@@ -147,6 +199,8 @@ class InDomainPipeline(DiffusionPipeline):
             scheduler=scheduler,
             domain_unet=domain_unet,
             controlnet=controlnet,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -173,6 +227,8 @@ class InDomainPipeline(DiffusionPipeline):
             scheduler=scheduler,
             domain_unet=domain_unet,
             controlnet=controlnet,
+            image_encoder=getattr(sd, "image_encoder", None),
+            feature_extractor=getattr(sd, "feature_extractor", None),
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -219,9 +275,23 @@ class InDomainPipeline(DiffusionPipeline):
             raise ValueError(f"got {embeds.shape[0]} text embeddings for {batch} prompts")
         return embeds.repeat_interleave(n, dim=0)
 
-    def _prompt_embeds(self, text: str | list[str], batch: int, n: int, device, encoder=None):
+    def _term_embeds(self, text: str | list[str], batch: int, n: int, device, encoder=None):
+        """A guidance term's text rows, one per image. On the frozen SD's own encoder the text is
+        encoded as the call's prompt is (``encode_prompt``: textual-inversion tokens, the call's
+        LoRA scale and ``clip_skip``); a term's own encoder (a community model's) plainly."""
         texts = [text] if isinstance(text, str) else list(text)
-        return self._per_image(self.encode_text(texts, device, encoder), batch, n)
+        if encoder is None or encoder is self.text_encoder:
+            embeds, _ = self.encode_prompt(
+                texts,
+                device,
+                1,
+                False,
+                lora_scale=self._lora_scale_of_call,
+                clip_skip=self.clip_skip,
+            )
+        else:
+            embeds = self.encode_text(texts, device, encoder)
+        return self._per_image(embeds, batch, n)
 
     def _control_images(self, image: Any, height: int, width: int, batch: int, n: int, device):
         """diffusers' ``prepare_image``: resize to (height, width), [0, 1], one row per image."""
@@ -270,11 +340,19 @@ class InDomainPipeline(DiffusionPipeline):
         return self.scheduler.add_noise(init, noise, timestep)
 
     def prepare_timesteps(
-        self, num_inference_steps: int, image: Any, strength: float, device: torch.device
+        self,
+        num_inference_steps: int,
+        image: Any,
+        strength: float,
+        device: torch.device,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
     ) -> torch.Tensor:
-        """The scheduler's timesteps; SDEdit (``image`` given) keeps their last ``strength`` part."""
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
+        """The scheduler's timesteps (custom ``timesteps`` / ``sigmas`` through diffusers'
+        ``retrieve_timesteps``); SDEdit (``image`` given) keeps their last ``strength`` part."""
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas
+        )
         if image is not None:
             # SDEdit starts part-way: skip the first (1 - strength) of the schedule (diffusers img2img).
             init_steps = min(int(num_inference_steps * strength), num_inference_steps)
@@ -353,11 +431,11 @@ class InDomainPipeline(DiffusionPipeline):
             if term.prompt_embeds is not None:
                 embeds = self._per_image(term.prompt_embeds.to(device), batch, n)
             elif term.prompt is not None:
-                embeds = self._prompt_embeds(term.prompt, batch, n, device, term.text_encoder)
+                embeds = self._term_embeds(term.prompt, batch, n, device, term.text_encoder)
             elif term.text_encoder is None:
                 embeds = prompt_embeds  # no prompt of its own: the call's prompt
             elif prompt is not None:
-                embeds = self._prompt_embeds(prompt, batch, n, device, term.text_encoder)
+                embeds = self._term_embeds(prompt, batch, n, device, term.text_encoder)
             else:
                 raise ValueError(
                     f"GuidanceTerm '{term.name}' has its own text_encoder but no prompt; give "
@@ -397,17 +475,39 @@ class InDomainPipeline(DiffusionPipeline):
             )[0]
         return eps.to(latent_in.dtype)
 
-    def _sd_predictions(self, latent_in: torch.Tensor, t, chunks: list[Chunk]):
-        """All frozen-SD predictions (uncond + text terms) in ONE batched UNet forward."""
+    def _sd_predictions(
+        self,
+        latent_in: torch.Tensor,
+        t,
+        chunks: list[Chunk],
+        ip_embeds: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+    ):
+        """All frozen-SD predictions (uncond + text terms) in ONE batched UNet forward.
+
+        The call's ``cross_attention_kwargs`` (LoRA ``scale``) reach the frozen UNet; IP-Adapter
+        image embeddings ``(negative, positive)`` go with the unconditional / text chunks, as
+        diffusers' CFG batch pairs them.
+        """
         x = latent_in if len(chunks) == 1 else torch.cat([latent_in] * len(chunks))
         embeds = torch.cat([c.embeds for c in chunks])
         down, mid = chunk_residuals(x, t, chunks)
+        added = None
+        if ip_embeds is not None:
+            negative, positive = ip_embeds
+            added = {
+                "image_embeds": [
+                    torch.cat([neg if c.name == UNCOND else pos for c in chunks])
+                    for neg, pos in zip(negative, positive, strict=True)
+                ]
+            }
         eps = self.unet(
             x,
             t,
             encoder_hidden_states=embeds,
             down_block_additional_residuals=down,
             mid_block_additional_residual=mid,
+            cross_attention_kwargs=self.cross_attention_kwargs,
+            added_cond_kwargs=added,
             return_dict=False,
         )[0]
         return eps.chunk(len(chunks))
@@ -457,6 +557,63 @@ class InDomainPipeline(DiffusionPipeline):
     def encode_prompt(
         self,
         prompt: str | list[str] | None,
+        device: torch.device,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
+        clip_skip: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``StableDiffusionPipeline.encode_prompt``, the same signature, return and code.
+
+        ``(prompt_embeds, negative_prompt_embeds)``, ``num_images_per_prompt`` rows per prompt;
+        textual-inversion tokens are expanded, ``lora_scale`` scales the text encoder's LoRA
+        layers, ``clip_skip`` takes an earlier CLIP layer; the negative rows are ``None`` unless
+        ``do_classifier_free_guidance``. Code written for SD's ``encode_prompt`` works unchanged.
+        """
+        return StableDiffusionPipeline.encode_prompt(
+            self,
+            prompt,
+            device,
+            num_images_per_prompt,
+            do_classifier_free_guidance,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
+        )
+
+    def encode_image(self, image, device, num_images_per_prompt, output_hidden_states=None):
+        """``StableDiffusionPipeline.encode_image`` (IP-Adapter's image features and zeros)."""
+        return StableDiffusionPipeline.encode_image(
+            self, image, device, num_images_per_prompt, output_hidden_states
+        )
+
+    def prepare_ip_adapter_image_embeds(
+        self,
+        ip_adapter_image,
+        ip_adapter_image_embeds,
+        device,
+        num_images_per_prompt,
+        do_classifier_free_guidance,
+    ):
+        """``StableDiffusionPipeline.prepare_ip_adapter_image_embeds``: one tensor per adapter,
+        ``[negative; positive]`` rows when ``do_classifier_free_guidance``."""
+        return StableDiffusionPipeline.prepare_ip_adapter_image_embeds(
+            self,
+            ip_adapter_image,
+            ip_adapter_image_embeds,
+            device,
+            num_images_per_prompt,
+            do_classifier_free_guidance,
+        )
+
+    def _call_prompt_embeds(
+        self,
+        prompt: str | list[str] | None,
         negative_prompt: str | list[str] | None,
         prompt_embeds: torch.Tensor | None,
         negative_prompt_embeds: torch.Tensor | None,
@@ -464,27 +621,31 @@ class InDomainPipeline(DiffusionPipeline):
         n: int,
         device: torch.device,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt and negative-prompt rows ``[batch * n, 77, D]``, one per image.
-
-        Given embeddings are moved to ``device`` and repeated per image; otherwise the texts are
-        encoded, the negative prompt defaulting to ``""`` for every prompt.
-        """
-        if prompt_embeds is None:
-            prompt_embeds = self._prompt_embeds(prompt, batch, n, device)
-        else:
-            prompt_embeds = self._per_image(prompt_embeds.to(device), batch, n)
+        """The call's prompt and unconditional rows ``[batch * n, 77, D]`` through
+        :meth:`encode_prompt`, with what it does not take: a single negative prompt (or one
+        negative embedding row) for a list of prompts is used for every prompt."""
         if negative_prompt_embeds is not None:
-            return prompt_embeds, self._per_image(negative_prompt_embeds.to(device), batch, n)
-        negative = "" if negative_prompt is None else negative_prompt
-        if isinstance(negative, list) and len(negative) != batch:
+            negative_prompt_embeds = self._per_image(negative_prompt_embeds.to(device), batch, 1)
+        if isinstance(negative_prompt, str) and isinstance(prompt, list):
+            negative_prompt = [negative_prompt] * batch
+        if isinstance(negative_prompt, list) and isinstance(prompt, str):
+            prompt = [prompt]
+        if isinstance(negative_prompt, list) and len(negative_prompt) != batch:
             raise ValueError(
-                f"negative_prompt has {len(negative)} entries but prompt has {batch}; "
+                f"negative_prompt has {len(negative_prompt)} entries but prompt has {batch}; "
                 "give one negative prompt per prompt or a single string."
             )
-        negative_embeds = self._prompt_embeds(
-            negative if isinstance(negative, list) else [negative] * batch, batch, n, device
+        return self.encode_prompt(
+            prompt,
+            device,
+            n,
+            True,  # eps_sd(z, "") is every term's base: the unconditional rows are always needed
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=self._lora_scale_of_call,
+            clip_skip=self.clip_skip,
         )
-        return prompt_embeds, negative_embeds
 
     def prepare_runs(
         self,
@@ -612,6 +773,15 @@ class InDomainPipeline(DiffusionPipeline):
         | MultiPipelineCallbacks
         | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        guidance_scale: float | None = None,
+        guidance_rescale: float = 0.0,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        eta: float = 0.0,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        clip_skip: int | None = None,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
     ) -> InDomainPipelineOutput | tuple:
         """Sample with ``eps_sd(z,"") + sum_i w_i (eps_i - eps_sd(z,""))`` over the active terms.
 
@@ -624,13 +794,26 @@ class InDomainPipeline(DiffusionPipeline):
         the term and its forward pass. ``image`` + ``strength`` is SDEdit.
         ``controlnet_on_uncond=True`` also feeds the ControlNet to the unconditional prediction,
         as diffusers' ControlNet pipeline does (the paper leaves ``eps_sd(z, "")`` plain).
+
+        diffusers' arguments, with ``StableDiffusionPipeline``'s meaning (equal images at
+        ``w_d=0``): ``guidance_scale`` is ``w_c`` in diffusers' units (at or below 1 guidance is
+        off: the prompt's prediction alone; give it or ``w_c``, not both), ``guidance_rescale``
+        (Lin et al., on the combined prediction, toward the control term's prediction),
+        ``timesteps`` / ``sigmas`` (custom schedules), ``eta`` (DDIM), ``cross_attention_kwargs``
+        (``{"scale": s}``: the LoRA scale on the frozen SD's UNet and text encoder), ``clip_skip``,
+        ``ip_adapter_image`` / ``ip_adapter_image_embeds`` (after ``load_ip_adapter``; the image
+        conditions the frozen SD's text terms, zeros its unconditional prediction).
         ``callback_on_step_end`` (a function or diffusers ``PipelineCallback``) gets the tensors
-        named in ``callback_on_step_end_tensor_inputs`` (see ``_callback_tensor_inputs``).
+        named in ``callback_on_step_end_tensor_inputs`` (see ``_callback_tensor_inputs``) and may
+        change the weights mid-run: ``pipeline._guidance_scale`` (as diffusers'
+        ``SDCFGCutoffCallback`` does) or a returned ``guidance_weights`` dict; ``pipeline._interrupt
+        = True`` skips the remaining steps.
         """
         if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["latents"]
+        w_c = resolve_guidance_scale(guidance_scale, w_c)
 
         # 0. Default height and width to unet
         height = height or self.unet.config.sample_size * self.vae_scale_factor
@@ -649,6 +832,14 @@ class InDomainPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs,
             control_image,
         )
+        if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
+            raise ValueError("give ip_adapter_image or ip_adapter_image_embeds, not both")
+        self._start_call(
+            guidance_scale if guidance_scale is not None else w_c,
+            guidance_rescale,
+            clip_skip,
+            cross_attention_kwargs,
+        )
 
         # 2. Define call parameters
         if prompt_embeds is not None:
@@ -664,10 +855,18 @@ class InDomainPipeline(DiffusionPipeline):
             )
         device = self._execution_device
 
-        # 3. Encode the prompt and the unconditional (negative) prompt
-        prompt_embeds, negative_embeds = self.encode_prompt(
+        # 3. Encode the prompt and the unconditional (negative) prompt (LoRA scale, clip_skip)
+        prompt_embeds, negative_embeds = self._call_prompt_embeds(
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, batch, n, device
         )
+        ip_embeds = None
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            # [negative; positive] rows per adapter, as diffusers prepares them for CFG
+            per_adapter = self.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, rows, True
+            )
+            pairs = [e.chunk(2) for e in per_adapter]
+            ip_embeds = ([neg for neg, _ in pairs], [pos for _, pos in pairs])
 
         # 4. Guidance terms: one list (w_d and w_c are two of them) and what each runs
         terms = self._guidance_terms(
@@ -694,23 +893,26 @@ class InDomainPipeline(DiffusionPipeline):
             device,
         )
 
-        # 5. Prepare timesteps (SDEdit keeps the last `strength` part of the schedule)
-        timesteps = self.prepare_timesteps(num_inference_steps, image, strength, device)
+        # 5. Prepare timesteps (custom timesteps / sigmas; SDEdit keeps the last `strength` part)
+        timesteps = self.prepare_timesteps(
+            num_inference_steps, image, strength, device, timesteps, sigmas
+        )
         guider = Guider(terms, num_steps=len(timesteps), w0=w0)
+        self._num_timesteps = len(timesteps)
 
         # 6. Prepare latent variables: pure noise, or the noised input image for SDEdit
         latents = self.prepare_latents(
             image, latents, timesteps, rows, height, width, prompt_embeds.dtype, device, generator
         )
 
-        # 7. Prepare extra step kwargs
-        step_kwargs = {}
-        if "generator" in inspect.signature(self.scheduler.step).parameters:
-            step_kwargs["generator"] = generator
+        # 7. Prepare extra step kwargs (eta, generator)
+        step_kwargs = extra_step_kwargs(self.scheduler, generator, eta)
 
         # 8. Denoising loop
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
                 # 8.1 Terms that need a prediction now (active, and not reusing an earlier one)
                 fresh = guider.to_predict(i)
                 latent_in = self.scheduler.scale_model_input(latents, t)
@@ -720,7 +922,7 @@ class InDomainPipeline(DiffusionPipeline):
                 chunks = [uncond] + [
                     Chunk(name, runs[name].embeds, runs[name].controls) for name in sd_terms
                 ]
-                eps_uncond, *eps_text = self._sd_predictions(latent_in, t, chunks)
+                eps_uncond, *eps_text = self._sd_predictions(latent_in, t, chunks, ip_embeds)
                 preds = dict(zip(sd_terms, eps_text, strict=True))
 
                 # 8.3 Domain UNet and other models: one forward each
@@ -728,28 +930,37 @@ class InDomainPipeline(DiffusionPipeline):
                     if runs[g.name].model is not None:
                         preds[g.name] = self._model_prediction(g.name, runs[g.name], latent_in, t)
 
-                # 8.4 Combine: eps_0 + sum_i w_i (eps_i - eps_0), weights held by the guider
+                # 8.4 Combine: eps_0 + sum_i w_i (eps_i - eps_0), weights held by the guider;
+                # diffusers' guidance_rescale toward the control term's prediction
                 noise_pred = guider.combine(i, eps_uncond, preds)
+                self._sync_guidance_scale(guider)
+                if self.do_classifier_free_guidance:
+                    reference = preds.get(CONTROL, next(iter(preds.values()), None))
+                    noise_pred = rescale_guided(noise_pred, reference, self.guidance_rescale)
 
                 # 8.5 Compute the previous noisy sample x_t -> x_t-1
                 latents = self.scheduler.step(
                     noise_pred, t, latents, **step_kwargs, return_dict=False
                 )[0]
 
-                # 8.6 Step-end callback (may replace the latents); nothing is built without one
+                # 8.6 Step-end callback (may replace latents and text rows, change weights)
                 if callback_on_step_end is not None:
-                    available = {
-                        "latents": latents,
-                        "noise_pred": noise_pred,
-                        "eps_uncond": eps_uncond,
-                        "guidance_preds": preds,
-                        "guidance_weights": {
-                            g.name: guider.weights[g.name] for g in guider.active(i)
+                    latents, uncond = self._step_end(
+                        callback_on_step_end,
+                        callback_on_step_end_tensor_inputs,
+                        guider,
+                        i,
+                        t,
+                        runs,
+                        uncond,
+                        rows,
+                        {
+                            "latents": latents,
+                            "noise_pred": noise_pred,
+                            "eps_uncond": eps_uncond,
+                            "guidance_preds": preds,
                         },
-                    }
-                    kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
-                    out = callback_on_step_end(self, i, t, kwargs)
-                    latents = out.pop("latents", latents)
+                    )
                 progress_bar.update()
 
         # 9. Decode
@@ -760,3 +971,49 @@ class InDomainPipeline(DiffusionPipeline):
         if not return_dict:
             return images, used
         return InDomainPipelineOutput(images=images, guidance_weights=used)
+
+    def _step_end(
+        self,
+        callback: Callable[..., dict],
+        names: list[str],
+        guider: Guider,
+        step: int,
+        t: Any,
+        runs: dict[str, _Run],
+        uncond: Chunk,
+        rows: int,
+        tensors: dict[str, Any],
+    ) -> tuple[torch.Tensor, Chunk]:
+        """Run the step-end callback; apply what it returns (latents, the control term's and the
+        unconditional text rows, weights) from the next step on."""
+        control = runs.get(CONTROL)
+        available = {
+            **tensors,
+            "prompt_embeds": control.embeds if control is not None else None,
+            "negative_prompt_embeds": uncond.embeds,
+            "guidance_weights": {g.name: guider.weights[g.name] for g in guider.active(step)},
+        }
+        kwargs = {k: available[k] for k in names}
+        scale_before = self._guidance_scale
+        out = dict(callback(self, step, t, kwargs))
+        latents = out.pop("latents", tensors["latents"])
+        for key in ("prompt_embeds", "negative_prompt_embeds"):
+            new = out.pop(key, available[key])
+            if new is available[key] or new is None:
+                continue
+            if new.shape[0] != rows:
+                raise ValueError(
+                    f"callback_on_step_end returned {key} with {new.shape[0]} rows at step "
+                    f"{step}; this run needs one row per image ({rows})."
+                )
+            if key == "negative_prompt_embeds":
+                uncond = replace(uncond, embeds=new)
+            elif control is not None and control.model is None:
+                control.embeds = new
+            else:
+                raise ValueError(
+                    "callback_on_step_end returned prompt_embeds, but this run's control term "
+                    "does not run on the frozen SD (w_c=0 or a model of its own)."
+                )
+        self._apply_callback_weights(guider, step, scale_before, out)
+        return latents, uncond
