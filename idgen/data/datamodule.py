@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from idgen.data.images import DEFAULT_EXTENSIONS, check_images, list_image_files, load_rgb
 from idgen.data.latents import CachedLatentDataset, cache_key, load_or_build_cache
-from idgen.data.transforms import build_image_transform
+from idgen.data.transforms import RecordedCrop, build_image_transform
 from idgen.utils.io import atomic_write_text
 
 
@@ -24,18 +24,31 @@ class SkippedImagesWarning(UserWarning):
 
 
 class DomainImageDataset(Dataset):
-    """Images of one domain, returned as ``{"pixel_values": [3,H,W] in [-1,1], "index": i}``."""
+    """Images of one domain, returned as ``{"pixel_values": [3,H,W] in [-1,1], "index": i}``
+    plus each image's size micro-conditioning (SDXL's ``time_ids``; SD1.5 ignores it):
+    ``original_size`` (h, w before resizing), ``crop_top_left`` (where the crop cut, in resized
+    pixels) and ``target_size`` (h, w of ``pixel_values``)."""
 
     def __init__(self, files: Sequence[Path], transform) -> None:
         self.files = list(files)
         self.transform = transform
+        steps = getattr(transform, "transforms", [transform])
+        self.crop = next((t for t in steps if isinstance(t, RecordedCrop)), None)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict:
         image = load_rgb(self.files[index])
-        return {"pixel_values": self.transform(image), "index": index}
+        pixels = self.transform(image)
+        item = {"pixel_values": pixels, "index": index}
+        if self.crop is not None:  # read right after the call that set it (one per worker)
+            item |= {
+                "original_size": torch.tensor([image.height, image.width]),
+                "crop_top_left": torch.tensor(self.crop.last),
+                "target_size": torch.tensor(list(pixels.shape[-2:])),
+            }
+        return item
 
 
 class EpochSeededSampler(Sampler[int]):

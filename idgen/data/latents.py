@@ -38,7 +38,8 @@ def latents_from_batch(batch: dict, vae, generator: torch.Generator | None = Non
 
 def cache_key(files: Sequence[Path], resolution: int, model_id: str, vae) -> str:
     h = hashlib.sha256()
-    h.update(f"{model_id}|{resolution}|".encode())
+    # "micro": caches also hold each image's size conditioning (older ones are rebuilt)
+    h.update(f"{model_id}|{resolution}|micro|".encode())
     h.update(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
     # The weights themselves: a fine-tuned VAE with the same config is a different model.
     for name, tensor in list(vae.state_dict().items())[:4]:
@@ -49,13 +50,26 @@ def cache_key(files: Sequence[Path], resolution: int, model_id: str, vae) -> str
     return h.hexdigest()[:24]
 
 
+#: per-image micro-conditioning kept beside the cached latents (see DomainImageDataset)
+MICRO_KEYS = ("original_size", "crop_top_left", "target_size")
+
+
 @torch.no_grad()
 def encode_latent_params(
-    dataset: Dataset, vae, batch_size: int = 8, flip: bool = False
+    dataset: Dataset,
+    vae,
+    batch_size: int = 8,
+    flip: bool = False,
+    conditions: dict[str, list[torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """[N, 2C, h, w] latent distribution parameters of every item (mirrored when ``flip``)."""
+    """[N, 2C, h, w] latent distribution parameters of every item (mirrored when ``flip``);
+    the items' micro-conditioning is appended to ``conditions`` when given."""
     chunks = []
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        if conditions is not None:
+            for key in MICRO_KEYS:
+                if key in batch:
+                    conditions.setdefault(key, []).append(batch[key])
         pixels = batch["pixel_values"].to(device=vae.device, dtype=vae.dtype)
         if flip:
             pixels = torch.flip(pixels, dims=[-1])
@@ -71,7 +85,9 @@ def load_or_build_cache(
         log.info("data: latent cache hit %s", path)
         return load_file(path)
     log.info("data: encoding %d images once into the latent cache %s", len(dataset), path)
-    tensors = {"params": encode_latent_params(dataset, vae, batch_size)}
+    conditions: dict[str, list[torch.Tensor]] = {}
+    tensors = {"params": encode_latent_params(dataset, vae, batch_size, conditions=conditions)}
+    tensors |= {k: torch.cat(v) for k, v in conditions.items()}
     if with_flips:
         tensors["params_flipped"] = encode_latent_params(dataset, vae, batch_size, flip=True)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,6 +104,7 @@ class CachedLatentDataset(Dataset):
     def __init__(self, tensors: dict[str, torch.Tensor], random_flip: bool) -> None:
         self.params = tensors["params"]
         self.flipped = tensors.get("params_flipped") if random_flip else None
+        self.micro = {k: tensors[k] for k in MICRO_KEYS if k in tensors}
 
     def __len__(self) -> int:
         return len(self.params)
@@ -96,4 +113,6 @@ class CachedLatentDataset(Dataset):
         params = self.params[index]
         if self.flipped is not None and torch.rand(()) < 0.5:
             params = self.flipped[index]
-        return {"latent_params": params, "index": index}
+        return {"latent_params": params, "index": index} | {
+            k: v[index] for k, v in self.micro.items()
+        }
