@@ -19,8 +19,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(OFFLINE) $(PY) -m idgen.toyworld.job --out outputs/toyworld
 
+# One torch thread per test process (tests/conftest.py; OMP_NUM_THREADS=N overrides); says how long
+# the suite took.
 test: $(STAMP)
-	$(OFFLINE) $(PY) -m pytest $(PYTEST_ARGS)
+	@start=$$(date +%s); $(OFFLINE) $(PY) -m pytest $(PYTEST_ARGS); status=$$?; \
+	echo "make test: $$(( $$(date +%s) - start )) s on $$(nproc) CPU(s)"; exit $$status
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

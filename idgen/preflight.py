@@ -267,9 +267,76 @@ def check_checkpoint_callback(cfg: DictConfig) -> None:
 
 
 def check_trainer(cfg: DictConfig) -> None:
-    """The trainer's gradient accumulation and logging interval (every stage)."""
+    """The trainer's gradient accumulation and logging interval (every stage), and its device."""
     check_int(cfg, "trainer.accumulate_grad_batches")
     check_int(cfg, "trainer.log_every_n_steps")
+    check_accelerator(cfg)
+
+
+#: Lightning accelerators that need a CUDA device
+CUDA_ACCELERATORS = ("gpu", "cuda")
+
+
+def check_accelerator(cfg: DictConfig, key: str = "trainer.accelerator") -> None:
+    """``trainer=gpu`` needs a CUDA device this process can see (and ``trainer.devices`` of them).
+
+    Said before the data scan and the base-model preview, not by Lightning after them.
+    """
+    accelerator = get(cfg, key) if cfg.get("trainer") is not None else None
+    if str(accelerator).lower() not in CUDA_ACCELERATORS:
+        return
+    check_cuda(key, accelerator, "Use trainer=cpu")
+    devices = get(cfg, "trainer.devices")
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:
+        import torch
+
+        if devices > torch.cuda.device_count():
+            raise ConfigError(
+                "trainer.devices",
+                devices,
+                f"this process sees {torch.cuda.device_count()} CUDA device(s)",
+                f"Pass trainer.devices={torch.cuda.device_count()} (or -1 for all of them).",
+            )
+
+
+def check_cuda(key: str, value: Any, alternative: str) -> None:
+    """``key=value`` asks for CUDA: a clear error when this process sees no CUDA device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            key,
+            value,
+            "no CUDA GPU is visible to this process (torch.cuda.is_available() is False)",
+            f"{alternative}, or run on a machine with a GPU (check nvidia-smi and "
+            "CUDA_VISIBLE_DEVICES).",
+        )
+
+
+#: train.yaml's default ``domain``: what the generated demo data shows, not a user's folder
+DEMO_DOMAIN = "coloured shapes"
+
+
+def check_domain_named(cfg: DictConfig) -> None:
+    """A folder of the user's own images needs ``domain=``: the words of the stage-1 prompt
+    ("a photo of {domain}") and of the preview and validation prompts.
+
+    Generated data (demo, toy world: ``data.num_images``) comes with its domain; a real folder
+    left at the demo's default would be trained as "a photo of coloured shapes".
+    """
+    target = str(get(cfg, "data._target_") or "")
+    if not target or "num_images" in cfg.data:
+        return
+    domain = get(cfg, "domain")
+    if domain in (None, "", DEMO_DOMAIN):
+        prompt = str(get(cfg, "inversion.prompt_template") or "a photo of {domain}")
+        raise ConfigError(
+            "domain",
+            domain,
+            "names what the images of data.root show, and is still the demo's default (the "
+            f"stage-1 prompt would be '{prompt.format(domain=domain)}')",
+            "Pass what your images show, e.g. domain=face or domain='porcelain vase'.",
+        )
 
 
 def check_logger(cfg: DictConfig) -> None:
@@ -286,6 +353,7 @@ def validate_train(cfg: DictConfig) -> None:
     stage = check_train_run(cfg)
     geometry = check_base_model(cfg)
     check_train_data(cfg, geometry)
+    check_domain_named(cfg)
     check_preview(cfg, geometry)
     if stage in ("inversion", "all"):
         check_inversion(cfg)
@@ -315,6 +383,8 @@ def check_device(cfg: DictConfig) -> None:
         device in DEVICES or (device.startswith("cuda:") and device[5:].isdigit())
     ):
         raise ConfigError("device", device, "is not a device", "Pass device=auto, cpu or cuda:0.")
+    if device.startswith("cuda"):
+        check_cuda("device", device, "Pass device=cpu (or device=auto)")
 
 
 def check_sample_first(cfg: DictConfig) -> None:
@@ -335,12 +405,64 @@ def check_sample_first(cfg: DictConfig) -> None:
             "Run idgen-sample yourself and pass samples_dir=<its image folder> (and sample=null).",
         )
     for key in ("w_d", "w_c"):
-        check_float(cfg, f"sample.{key}")
+        check_weight(cfg, f"sample.{key}")
     subdir = get(cfg, "sample.images_subdir")
     if not subdir or not isinstance(subdir, str):
         raise ConfigError(
             "sample.images_subdir", subdir, "must be a folder name", "Pass e.g. samples."
         )
+    if str(module) == "idgen.sample":
+        check_hook_sampling(cfg)
+
+
+def check_hook_sampling(cfg: DictConfig) -> None:
+    """idgen-sample's own preflight on the config the ``sample`` hook will run, before sampling.
+
+    Its errors name the hook's fields (``sample.domain_model``, ``sample.w_d``...) where the hook
+    has one, and otherwise the override in ``sample.overrides``.
+    """
+    import re
+
+    from idgen.metrics.sample_hook import FIELDS, compose_sample_config, sample_overrides
+
+    overrides = sample_overrides(cfg.sample)
+    try:
+        run_dir = Path(str(get(cfg, "paths.output_dir"))) / "sampling"
+        validate_sample(compose_sample_config(overrides, run_dir))
+    except ConfigError as err:
+        hook = {key: f"sample.{field}" for field, key in FIELDS.items()}
+
+        def rename(text: str) -> str:  # idgen-sample's key=... -> the hook's field=...
+            return re.sub(r"(?<![\w.])([\w.]+)=", lambda m: f"{hook.get(m[1], m[1])}=", text)
+
+        field = hook.get(err.field, f"sample.overrides ({err.field})")
+        problem = f"{err.problem} (in the idgen-sample run of `sample`)"
+        raise ConfigError(field, err.value, problem, rename(err.fix)) from None
+    except Exception as err:  # an override idgen-sample's config does not have
+        raise ConfigError(
+            "sample.overrides",
+            overrides,
+            f"do not compose as idgen-sample's config ({type(err).__name__}: {err})",
+            "Fix or drop the override (keys as in idgen-sample's sample.yaml).",
+        ) from None
+
+
+def check_fid_extractor(cfg: DictConfig) -> None:
+    """The FID/KID extractor's weights: a given ``metrics.fid.extractor.weights_path`` exists,
+    and without one Inception-v3 is cached or downloadable (said before any sampling)."""
+    target = str(get(cfg, "metrics.fid.extractor._target_") or "")
+    if not target.endswith("InceptionFeatures"):
+        return
+    from idgen.metrics.features import (
+        WEIGHTS_KEY,
+        how_to_get_inception,
+        inception_weights_unavailable,
+    )
+
+    weights = get(cfg, WEIGHTS_KEY)
+    problem = inception_weights_unavailable(weights)
+    if problem is not None:
+        raise ConfigError(WEIGHTS_KEY, weights, problem, how_to_get_inception())
 
 
 def check_samples_dir(cfg: DictConfig) -> None:
@@ -387,6 +509,7 @@ def validate_eval(cfg: DictConfig) -> None:
     else:
         check_samples_dir(cfg)
     check_reference_dir(cfg)
+    check_fid_extractor(cfg)
 
 
 # ------------------------------------------------------------------------------ idgen-sample
@@ -555,7 +678,7 @@ def validate_sample(cfg: DictConfig) -> None:
         raise ConfigError("sampler.name", name, "must be a name", "Pass sampler=decoupled.")
     for key in ("w_d", "w_c"):
         if key in sampler:
-            check_float(cfg, f"sampler.{key}")
+            check_weight(cfg, f"sampler.{key}")
     if "w0" in sampler:
         check_float(cfg, "sampler.w0", optional=False)
     if "strength" in sampler:
@@ -572,13 +695,13 @@ def validate_sample(cfg: DictConfig) -> None:
     for i, term in enumerate(get(cfg, "sampler.extra_guidance") or []):
         weight = term.get("weight") if isinstance(term, dict) else None
         if weight not in (None, "auto") and (
-            not isinstance(weight, int | float) or not math.isfinite(weight)
+            not isinstance(weight, int | float) or not math.isfinite(weight) or weight < 0
         ):
             raise ConfigError(
                 f"sampler.extra_guidance.{i}.weight",
                 weight,
-                "must be a finite number or auto",
-                "Pass a finite weight.",
+                "must be a finite number >= 0 or auto",
+                "Pass a finite weight >= 0 (0 turns the term off).",
             )
     domain = get(cfg, "domain_model")
     if domain:
@@ -586,3 +709,59 @@ def validate_sample(cfg: DictConfig) -> None:
     baseline = get(cfg, "baseline_model")
     if baseline:
         check_dir("baseline_model", baseline, "an exported baseline", None)
+    check_domain_given(cfg)
+    check_accelerator(cfg)
+
+
+def check_weight(cfg: DictConfig, key: str) -> float | None:
+    """A guidance weight: null (automatic, paper §3.4), 0 (the term is off) or a finite number
+    > 0. A negative weight would push the samples away from its term's prediction."""
+    value = check_float(cfg, key)
+    if value is not None and value < 0:
+        raise ConfigError(
+            key,
+            value,
+            "is negative (a guidance weight is >= 0: 0 turns its term off, null chooses it "
+            "automatically)",
+            f"Pass {key}=null (automatic) or a number >= 0.",
+        )
+    return value
+
+
+def check_domain_given(cfg: DictConfig) -> None:
+    """A sampler with a domain term (``sampler.w_d`` automatic or non-zero) needs
+    ``domain_model``: said here, not by the pipeline after the models have loaded."""
+    if get(cfg, "domain_model"):
+        return
+    w_d = get(cfg, "sampler.w_d")
+    if w_d is not None and float(w_d) == 0.0:
+        return
+    name = get(cfg, "sampler.name")
+    raise ConfigError(
+        "domain_model",
+        None,
+        f"sampler={name} mixes in a domain model (sampler.w_d="
+        f"{'null, automatic' if w_d is None else w_d}) and none is given",
+        "Pass domain_model=<the domain_model/ folder idgen-train exported>, or sampler=cfg for "
+        "plain classifier-free guidance (or sampler.w_d=0).",
+    )
+
+
+# ---------------------------------------------------------------------------------- idgen-3d
+
+
+def validate_3d(cfg: DictConfig) -> None:
+    """idgen-3d's numbers, guidance weights, device and domain model (it must fit the base
+    model, as for idgen-sample), checked before any model is loaded."""
+    geometry = check_base_model(cfg)
+    check_seed(cfg)
+    check_int(cfg, "steps", minimum=0)
+    check_int(cfg, "batch_size")
+    for key in ("w_d", "w_c"):
+        check_weight(cfg, f"sds.{key}")
+    device = get(cfg, "device")
+    if isinstance(device, str) and device.startswith("cuda"):
+        check_cuda("device", device, "Pass device=cpu")
+    domain = get(cfg, "domain_model")
+    if domain:
+        check_domain_model("domain_model", domain, geometry)

@@ -9,6 +9,11 @@ import sys
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread per test process (and per subprocess a test starts), as idgen.utils.threads
+# would choose with threads=1: on a shared 2-core machine more threads than free cores made
+# runs many times slower. OMP_NUM_THREADS=N make test overrides it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 
 from pathlib import Path  # noqa: E402
 
@@ -131,6 +136,18 @@ def tiny_sd():
     from idgen.models import build_tiny_sd
 
     return build_tiny_sd(seed=0)
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_report_header(config):
+    from idgen.utils.threads import usable_cpus
+
+    return f"idgen: {os.environ['OMP_NUM_THREADS']} torch thread(s), {usable_cpus()} usable CPU(s)"
 
 
 def pytest_collection_modifyitems(config, items):

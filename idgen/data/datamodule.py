@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -11,12 +12,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from idgen.data.images import DEFAULT_EXTENSIONS, check_images, list_image_files, load_rgb
 from idgen.data.latents import CachedLatentDataset, cache_key, load_or_build_cache
 from idgen.data.transforms import RecordedCrop, build_image_transform
 from idgen.utils.io import atomic_write_text
+from idgen.utils.threads import plan_threads
+from idgen.utils.validation import PathError
 
 
 class SkippedImagesWarning(UserWarning):
@@ -51,34 +54,44 @@ class DomainImageDataset(Dataset):
         return item
 
 
-class EpochSeededSampler(Sampler[int]):
-    """A random permutation per epoch drawn from ``seed + epoch``.
+class EpochSeededSampler(DistributedSampler):
+    """A random permutation per epoch drawn from ``seed + epoch``; each process takes its share.
 
     Lightning calls ``set_epoch`` before every epoch, also after resuming from a checkpoint, so
     a resumed run continues with the order an uninterrupted run would have used (a plain
     ``shuffle=True`` loader with a fixed generator would replay epoch 0's order instead).
-    Under DDP Lightning swaps in its ``DistributedSampler``, which works the same way.
+    Under DDP (one or several machines) rank ``r`` of ``world`` takes positions ``r, r + world,
+    ...`` of that one permutation (padded as ``DistributedSampler`` pads), so batch ``b`` of all
+    ranks together holds the images of a one-process run's batch ``b`` at ``world`` times the
+    batch size, whatever the number of processes. Being a ``DistributedSampler``, Lightning
+    uses it as it is instead of wrapping it in one that would shuffle a second time.
     """
 
-    def __init__(self, data_source: Dataset, seed: int = 0) -> None:
-        self.num_samples = len(data_source)
-        self.seed = seed
-        self.epoch = 0
+    def __init__(
+        self,
+        data_source: Dataset,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        if num_replicas is None or rank is None:  # the running process group, if any
+            dist = torch.distributed
+            running = dist.is_available() and dist.is_initialized()
+            num_replicas = num_replicas or (dist.get_world_size() if running else 1)
+            rank = rank if rank is not None else (dist.get_rank() if running else 0)
+        super().__init__(data_source, num_replicas=num_replicas, rank=rank, seed=seed)
         self._resume: tuple[int, int] | None = None
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def resume(self, epoch: int, skip: int) -> None:
-        """Start epoch ``epoch``'s order at position ``skip`` (once: a mid-epoch resume)."""
+        """Start epoch ``epoch``'s share at position ``skip`` (once: a mid-epoch resume)."""
         self._resume = (epoch, skip)
-
-    def __len__(self) -> int:
-        return self.num_samples
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        padding = self.total_size - len(order)
+        order += (order * math.ceil(padding / max(len(order), 1)))[:padding]
+        order = order[self.rank : self.total_size : self.num_replicas]
         if self._resume is not None and self._resume[0] == self.epoch:
             order = order[self._resume[1] :]
         self._resume = None
@@ -127,7 +140,7 @@ class DomainImageDataModule(L.LightningDataModule):
         root: str,
         resolution: int = 512,
         batch_size: int = 4,
-        num_workers: int = 0,
+        num_workers: int | None = 0,
         center_crop: bool = True,
         random_flip: bool = False,
         max_images: int | None = None,
@@ -151,6 +164,8 @@ class DomainImageDataModule(L.LightningDataModule):
         self.root = os.path.expanduser(str(root))
         self.resolution = resolution
         self.batch_size = batch_size
+        if num_workers is None:  # data.num_workers=null: as idgen.utils.threads computes it
+            num_workers = plan_threads().workers
         self.num_workers = num_workers
         self.center_crop = center_crop
         self.random_flip = random_flip
@@ -215,9 +230,12 @@ class DomainImageDataModule(L.LightningDataModule):
         self._warn_skipped()
         if not good:
             reasons = "; ".join(why for _, why in self.skipped[:3])
-            raise ValueError(
-                f"Domain image folder '{self.root}' has {len(candidates)} candidate files but none is "
-                f"usable ({reasons}). Check the files or data.min_size / data.small_images."
+            # a user's folder, not a bug: one line and exit 2 (a PathError), not a traceback
+            raise PathError(
+                "data.root",
+                str(self.root),
+                f"has {len(candidates)} candidate files but none is usable ({reasons})",
+                "Check the files or data.min_size / data.small_images.",
             )
         if cache_file is not None:
             rel = lambda p: p.relative_to(self.root).as_posix()  # noqa: E731

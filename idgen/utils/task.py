@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig
 
-from idgen.utils.validation import ConfigError, UserInputError
+from idgen.utils.threads import ThreadPlan, apply_threads, plan_threads
+from idgen.utils.validation import ConfigError, UserInputError, check_int
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,36 @@ def optimized_metric(cfg: DictConfig, metrics: Mapping[str, Any]) -> float | Non
     return float(metrics[name])
 
 
+def configure_threads(cfg: DictConfig) -> ThreadPlan:
+    """Choose and set the run's torch threads and DataLoader workers (``idgen.utils.threads``).
+
+    ``threads`` (top level) and ``data.num_workers`` override the computed values; a null
+    ``data.num_workers`` is replaced by the chosen count in ``cfg`` (so config.yaml records it).
+    """
+    threads = check_int(cfg, "threads", optional=True) if "threads" in cfg else None
+    data = cfg.get("data")
+    has_workers = isinstance(data, DictConfig) and "num_workers" in data
+    workers = check_int(cfg, "data.num_workers", minimum=0, optional=True) if has_workers else None
+    plan = plan_threads(threads=threads, workers=workers)
+    apply_threads(plan)
+    if has_workers and workers is None:
+        data.num_workers = plan.workers
+    return plan
+
+
+def close_log_handlers() -> None:
+    """Flush and close the root logger's handlers (Hydra's console and file handlers).
+
+    Without it a handler outlives its stream: a library logging from an ``atexit`` hook then
+    prints "--- Logging error --- ... I/O operation on closed file" after the run.
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        handler.flush()
+        handler.close()
+        root.removeHandler(handler)
+
+
 def task_wrapper(task: Callable[[DictConfig], Mapping[str, Any]]) -> Callable[..., float | None]:
     """Run ``task(cfg)``; whatever happens, close the loggers and log the run dir.
 
@@ -102,6 +133,7 @@ def task_wrapper(task: Callable[[DictConfig], Mapping[str, Any]]) -> Callable[..
     @functools.wraps(task)
     @cli_errors
     def run(cfg: DictConfig) -> float | None:
+        log.info(configure_threads(cfg).describe())
         try:
             metrics = task(cfg)
         finally:
@@ -122,7 +154,10 @@ def console_main(hydra_main: Callable[[], Any], config_dir: str) -> Callable[[],
 
     def main() -> None:
         sys.argv = accept_null_groups(sys.argv, config_dir)
-        hydra_main()
+        try:
+            hydra_main()
+        finally:
+            close_log_handlers()
 
     main.__wrapped__ = hydra_main.__wrapped__  # type: ignore[attr-defined]
     main.__doc__ = hydra_main.__doc__
