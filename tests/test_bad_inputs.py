@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
-from idgen.preflight import validate_eval, validate_sample, validate_train
+from idgen.preflight import validate_sample
 from idgen.utils.task import accept_null_groups
 from idgen.utils.validation import ConfigError
 from tests.conftest import REPO, compose_config, run_python
@@ -224,30 +223,3 @@ def test_null_config_groups_are_accepted(places, monkeypatch, capsys):
     assert code == 0, err[-2000:]
     run = places / "run"
     assert (run / "data_manifest.txt").is_file() and not (run / "csv").exists()
-
-
-def test_validation_adds_milliseconds(places, tiny_sd):
-    """Start-up cost of the checks (printed for the issue note; generous bound)."""
-    good = _domain_model(places, tiny_sd)
-    cfgs = {
-        "train": (validate_train, compose_config("train", places, [])),
-        "train folder": (
-            validate_train,
-            compose_config("train", places, ["data=folder", f"data.root={places}/images"]),
-        ),
-        "sample": (validate_sample, compose_config("sample", places, [f"domain_model={good}"])),
-        "eval": (
-            validate_eval,
-            compose_config(
-                "eval", places, [f"samples_dir={places}/images", f"reference_dir={places}/images"]
-            ),
-        ),
-    }
-    for name, (check, cfg) in cfgs.items():
-        check(cfg)  # warm (first diffusers attribute lookup etc.)
-        start = time.perf_counter()
-        for _ in range(10):
-            check(cfg)
-        ms = (time.perf_counter() - start) / 10 * 1000
-        print(f"validate {name}: {ms:.2f} ms")
-        assert ms < 500

@@ -14,7 +14,7 @@ def test_stages_are_timed_returned_and_added_up():
     assert timer.run("sleep", time.sleep, 0.12) is None
     assert timer.run("add", lambda a, b: a + b, 2, 3) == 5
     timer.run("sleep", time.sleep, 0.12)
-    assert 0.2 <= timer.seconds["sleep"] < 5  # two runs of >= 0.12 s, rounded to 0.1 s
+    assert timer.seconds["sleep"] >= 0.2  # two sleeps of >= 0.12 s each, rounded to 0.1 s
     assert timer.seconds["add"] == 0.0
     assert list(timer.seconds) == ["sleep", "add"]  # in the order the stages first ran
 
