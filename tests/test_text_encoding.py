@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from idgen.models import build_tiny_sd
+from idgen.models.family import FAMILIES
 from idgen.models.text import encode_text
-from idgen.modules.sd_parts import encode_prompt
 from idgen.pipelines import InDomainPipeline
 
 PROMPT = "a photo of a red circle"
@@ -19,7 +19,7 @@ def test_every_encoder_equals_diffusers(use_mask):
     sd = build_tiny_sd(seed=0)
     sd.text_encoder.config.use_attention_mask = use_mask
     expected = sd.encode_prompt(PROMPT, "cpu", 1, False)[0]
-    torch.testing.assert_close(encode_prompt(sd.tokenizer, sd.text_encoder, PROMPT), expected)
+    torch.testing.assert_close(FAMILIES["sd15"].encode_prompt(sd, [PROMPT])[0], expected)
     pipe = InDomainPipeline.from_sd(sd)
     torch.testing.assert_close(pipe.encode_text([PROMPT], torch.device("cpu")), expected)
 

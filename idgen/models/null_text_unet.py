@@ -5,6 +5,10 @@ In every transformer block of an SD1.5-family UNet the cross-attention term
 added to the residual stream (``F' = E_l + F``). attn2 and its pre-norm ``norm2`` are removed,
 so the model has no text input and every parameter takes part in every forward pass (DDP needs
 no ``find_unused_parameters``).
+
+SDXL-family UNets (``addition_embed_type="text_time"``) also take the pooled text embedding in
+their added embedding: it becomes one more learned vector (``pooled_embedding``, initialised from
+the pooled ``F^T``), while the size conditioning ``time_ids`` stays a real input of ``forward``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from torch import nn
 from idgen.models.loading import own_weights
 
 EMBEDDING_NAME = "domain_embedding"
+POOLED_NAME = "pooled_embedding"  # the pooled text input of an SDXL UNet's added embedding
+#: added-embedding types whose text part a fixed vector can stand in for (SDXL)
+TEXT_TIME = "text_time"
 InitMode = Literal["value", "calibrated"]
 
 # SD1.5's training noise schedule; every SD1.5-family checkpoint shares it.
@@ -220,6 +227,10 @@ class NullTextUNet(ModelMixin, ConfigMixin):
         for name, block in blocks:
             _check_block(name, block)
             convert_block(block)
+        self.pooled_embedding: nn.Parameter | None = None
+        if self.unet.config.addition_embed_type == TEXT_TIME:
+            size = pooled_size(self.unet)
+            self.pooled_embedding = nn.Parameter(torch.zeros(size, device=self.unet.device))
 
     @classmethod
     def extract_init_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
@@ -243,8 +254,10 @@ class NullTextUNet(ModelMixin, ConfigMixin):
         calibration_latents: torch.Tensor | None = None,
         noise_scheduler: Any | None = None,
         generator: torch.Generator | None = None,
+        pooled_features: torch.Tensor | None = None,
     ) -> NullTextUNet:
-        """Copy ``unet`` into a null-text UNet with ``E_l`` initialised from ``text_features``.
+        """Copy ``unet`` into a null-text UNet with ``E_l`` initialised from ``text_features``
+        (and, for an SDXL UNet, its pooled vector from ``pooled_features``).
 
         ``init="value"``: ``E_l = to_out(mean_tokens(to_v(F^T)))`` (the paper's ``W_V(F^T)``).
         ``init="calibrated"``: ``E_l`` = mean attn2 output with ``F^T`` as context over
@@ -261,12 +274,26 @@ class NullTextUNet(ModelMixin, ConfigMixin):
                 "init='calibrated' needs calibration_latents (a batch of VAE latents of domain "
                 "images); pass them or use init='value'."
             )
-        for key in ("encoder_hid_dim_type", "addition_embed_type"):
-            if unet.config.get(key) is not None:
+        added = unet.config.get("addition_embed_type")
+        for key, ok in (
+            ("encoder_hid_dim_type", (None,)),
+            ("addition_embed_type", (None, TEXT_TIME)),
+        ):
+            if unet.config.get(key) not in ok:
                 raise ValueError(
-                    f"Source UNet has {key}={unet.config[key]!r}; NullTextUNet supports "
-                    "SD1.5-family UNets (text conditioning through cross-attention only)."
+                    f"Source UNet has {key}={unet.config[key]!r}; NullTextUNet supports SD1.5- "
+                    "and SDXL-family UNets (text through cross-attention, SDXL's pooled text)."
                 )
+        if added == TEXT_TIME and pooled_features is None:
+            raise ValueError(
+                "The source UNet takes a pooled text embedding (SDXL); pass pooled_features "
+                "(the pooled F^T, [1, P]) to initialise the null-text UNet's pooled vector."
+            )
+        if added == TEXT_TIME and init == "calibrated":
+            raise ValueError(
+                "init='calibrated' is implemented for SD1.5-family UNets only; use init='value' "
+                "for an SDXL base (module.init=value)."
+            )
         text_features = _as_tokens(text_features, unet.config.cross_attention_dim)
         source_blocks = transformer_blocks(unet)
         for name, block in source_blocks:
@@ -292,12 +319,21 @@ class NullTextUNet(ModelMixin, ConfigMixin):
         }
         for name, _ in source_blocks:
             state[f"unet.{name}.{EMBEDDING_NAME}"] = embeddings[name].detach().clone()
+        if added == TEXT_TIME:
+            pooled = pooled_features.reshape(-1).to(next(unet.parameters()))
+            if pooled.numel() != pooled_size(unet):
+                raise ValueError(
+                    f"pooled_features has {pooled.numel()} values; the UNet's added embedding "
+                    f"takes {pooled_size(unet)} (text_encoder_2's projection_dim)."
+                )
+            state[POOLED_NAME] = pooled.detach().clone()
         model.load_state_dict(state, strict=True, assign=True)
         return model.to(unet.device)
 
     def embedding_parameters(self) -> list[nn.Parameter]:
-        """The per-layer embeddings ``E_l`` in module order."""
-        return [p for n, p in self.named_parameters() if n.endswith(EMBEDDING_NAME)]
+        """The per-layer embeddings ``E_l`` in module order (then SDXL's pooled vector)."""
+        named = [p for n, p in self.named_parameters() if n.endswith(EMBEDDING_NAME)]
+        return named + ([self.pooled_embedding] if self.pooled_embedding is not None else [])
 
     def set_embeddings_trainable(self, trainable: bool) -> None:
         for p in self.embedding_parameters():
@@ -311,7 +347,33 @@ class NullTextUNet(ModelMixin, ConfigMixin):
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         return_dict: bool = True,
+        time_ids: torch.Tensor | None = None,
     ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
+        """``eps(sample, timestep)``; an SDXL-family model also needs each image's ``time_ids``
+        (``[B, 6]``: original size, crop top-left, target size)."""
+        added = None
+        if self.pooled_embedding is not None:
+            if time_ids is None:
+                raise ValueError(
+                    "this null-text UNet comes from an SDXL base: pass time_ids ([B, 6]: original "
+                    "size, crop top-left, target size) as the base pipeline does."
+                )
+            rows = sample.shape[0]
+            pooled = self.pooled_embedding.to(sample.dtype).expand(rows, -1)
+            added = {"text_embeds": pooled, "time_ids": time_ids.to(sample.device, sample.dtype)}
         # The inner UNet's blocks ignore encoder_hidden_states; None is passed only because
         # UNet2DConditionModel.forward requires the argument.
-        return self.unet(sample, timestep, encoder_hidden_states=None, return_dict=return_dict)
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states=None,
+            added_cond_kwargs=added,
+            return_dict=return_dict,
+        )
+
+
+def pooled_size(unet: UNet2DConditionModel) -> int:
+    """Width of the pooled text embedding an SDXL-family UNet's added embedding takes."""
+    config = unet.config
+    times = 6 * config.addition_time_embed_dim  # 6 size ids, each embedded
+    return config.projection_class_embeddings_input_dim - times

@@ -203,9 +203,14 @@ class DiffusionTrainingModule(L.LightningModule):
         """``predict(noisy_latents, timesteps) -> model output`` of the model being trained."""
         raise NotImplementedError
 
+    def denoiser_for(self, batch: dict) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """:meth:`denoiser` for one batch: a module whose base family needs per-image added
+        conditions (SDXL's ``time_ids``) reads them from ``batch`` here."""
+        return self.denoiser()
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         latents = self.latents_from_batch(batch)
-        loss = self.loss_for(self.denoiser(), latents)
+        loss = self.loss_for(self.denoiser_for(batch), latents)
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=latents.shape[0])
         return loss
 
@@ -220,7 +225,7 @@ class DiffusionTrainingModule(L.LightningModule):
         """
         generator = torch.Generator().manual_seed(self.seed + batch_idx)
         latents = data_latents(batch, self.vae, generator).float()
-        loss = self.loss_for(self.denoiser(), latents, generator)
+        loss = self.loss_for(self.denoiser_for(batch), latents, generator)
         self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=latents.shape[0])
         return loss
 

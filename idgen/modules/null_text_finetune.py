@@ -10,15 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from idgen.models.family import ModelFamily, family_of
 from idgen.models.null_text_unet import NullTextUNet
 from idgen.modules.base import DiffusionTrainingModule, OptimizerFactory, SchedulerFactory
 from idgen.modules.ema import EMA
 from idgen.modules.export import export_domain_model
-from idgen.modules.sd_parts import (
-    encode_prompt,
-    freeze,
-    load_text_features,
-)
+from idgen.modules.sd_parts import freeze, load_pooled_features, load_text_features
 
 
 class NullTextFinetuneModule(DiffusionTrainingModule):
@@ -73,6 +70,7 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.domain_unet: NullTextUNet | None = None
         self.text_features: torch.Tensor | None = None
+        self.family: ModelFamily | None = None
         #: set by the ``EMAWeights`` callback at fit start (``None``: no EMA, raw weights)
         self.ema: EMA | None = None
 
@@ -95,15 +93,18 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
         if self.domain_unet is not None:
             return
         pipe = self.model_loader()
+        self.family = family_of(pipe)
         self.vae = freeze(pipe.vae.to(self.vae_dtype))
         self._setup_noise(pipe)
         self._attach_vae_to_data()
 
-        # 1. F^T: the stage-1 result, or the prompt's features when there is none.
+        # 1. F^T (and the pooled features of families with them): the stage-1 result, or the
+        #    prompt's encoding when there is none.
         if self.text_features_path is not None:
             features = load_text_features(self.text_features_path)
+            pooled = load_pooled_features(self.text_features_path)
         else:
-            features = encode_prompt(pipe.tokenizer, pipe.text_encoder, self.prompt)
+            features, pooled = self.family.encode_prompt(pipe, [self.prompt])
         self.text_features = features.float().cpu()
 
         # 2. The null-text UNet, copied from the SD UNet (which is dropped afterwards).
@@ -115,6 +116,7 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
             init=self.init,
             calibration_latents=calibration,
             generator=generator,
+            pooled_features=None if pooled is None else pooled.float(),
         ).float()
         self.domain_unet.set_embeddings_trainable(self.train_embeddings)
         if self.gradient_checkpointing:
@@ -149,11 +151,20 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
         return self.ema.swapped_in(self.domain_unet) if self.ema is not None else nullcontext()
 
     # --- training ---------------------------------------------------------------------------
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        return self.domain_unet(sample, timestep).sample
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, time_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.domain_unet(sample, timestep, time_ids=time_ids).sample
 
     def denoiser(self):
         return self.forward
+
+    def denoiser_for(self, batch: dict):
+        """The domain UNet with each image's ``time_ids`` from ``batch`` (SDXL; SD1.5: none)."""
+        time_ids = self.family.batch_time_ids(batch)
+        if time_ids is None:
+            return self.forward
+        return lambda sample, timestep: self.forward(sample, timestep, time_ids)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
         """Passes prompt-plan items through: ``DecoupledGuidanceSampling`` samples at predict time."""

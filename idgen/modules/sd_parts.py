@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from idgen.models.text import encode_text
 from idgen.utils.io import atomic_write_bytes
 
 TEXT_FEATURES_KEY = "text_features"
+POOLED_FEATURES_KEY = "pooled_text_features"  # SDXL: the pooled embedding beside F^T
 TEXT_FEATURES_FILE = "text_features.safetensors"
 
 
@@ -21,12 +21,6 @@ def freeze(module: nn.Module) -> nn.Module:
     module.requires_grad_(False)
     module.eval()
     return module
-
-
-@torch.no_grad()
-def encode_prompt(tokenizer, text_encoder: nn.Module, prompt: str) -> torch.Tensor:
-    """The text encoder's output features for ``prompt``: [1, max_length, D] in fp32."""
-    return encode_text(tokenizer, text_encoder, [prompt]).float()
 
 
 @torch.no_grad()
@@ -45,16 +39,32 @@ def decode_latents(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
 
 
 def save_text_features(
-    path: str | os.PathLike, features: torch.Tensor, metadata: dict[str, object]
+    path: str | os.PathLike,
+    features: torch.Tensor,
+    metadata: dict[str, object],
+    pooled: torch.Tensor | None = None,
 ) -> Path:
-    """Write features and string metadata to a safetensors file atomically."""
+    """Write features (and the pooled embedding of families that have one) and string
+    metadata to a safetensors file atomically."""
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    data = save({TEXT_FEATURES_KEY: features.detach().float().cpu().contiguous()}, metadata=meta)
+    tensors = {TEXT_FEATURES_KEY: features}
+    if pooled is not None:
+        tensors[POOLED_FEATURES_KEY] = pooled
+    data = save({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, meta)
     return atomic_write_bytes(path, data)
 
 
 def load_text_features(path: str | os.PathLike) -> torch.Tensor:
     """Features [1, T, D] from a file written by :func:`save_text_features` (or a folder holding one)."""
+    return _load_features(path)[TEXT_FEATURES_KEY]
+
+
+def load_pooled_features(path: str | os.PathLike) -> torch.Tensor | None:
+    """The pooled embedding [1, P] saved beside the features (None for SD1.5-family files)."""
+    return _load_features(path).get(POOLED_FEATURES_KEY)
+
+
+def _load_features(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.is_dir():
         path = path / TEXT_FEATURES_FILE
@@ -69,7 +79,7 @@ def load_text_features(path: str | os.PathLike) -> torch.Tensor:
             f"'{path}' holds {sorted(tensors)} but no '{TEXT_FEATURES_KEY}' tensor; "
             "is it a text features file written by idgen's inversion stage?"
         )
-    return tensors[TEXT_FEATURES_KEY]
+    return tensors
 
 
 def read_text_features_metadata(path: str | os.PathLike) -> dict[str, str]:

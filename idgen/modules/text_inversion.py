@@ -1,7 +1,9 @@
 """Stage 1: text-feature inversion (paper §3.3, "Initializing E").
 
 The text encoder's *output* features ``F^T`` for ``"a photo of <domain>"`` are the only
-trainable tensor; UNet, VAE and text encoder stay frozen. The result seeds the null-text UNet.
+trainable tensor (with SDXL also the pooled embedding, and the UNet gets each training image's
+``time_ids``: the base family says how, :mod:`idgen.models.family`); UNet, VAE and text
+encoders stay frozen. The result seeds the null-text UNet.
 """
 
 from __future__ import annotations
@@ -13,23 +15,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from idgen.models.family import ModelFamily, family_of
 from idgen.modules.base import DiffusionTrainingModule, OptimizerFactory, SchedulerFactory
-from idgen.modules.sd_parts import (
-    TEXT_FEATURES_FILE,
-    encode_prompt,
-    freeze,
-    save_text_features,
-)
+from idgen.modules.sd_parts import TEXT_FEATURES_FILE, freeze, save_text_features
 
 
 class TextFeatureInversionModule(DiffusionTrainingModule):
     """Optimise the text encoder's output features of a domain prompt with the denoising loss.
 
+    SD1.5: ``text_features`` [1, 77, 768]. SDXL: ``text_features`` [1, 77, 2048] (both
+    encoders) and ``pooled_features`` [1, 1280]; each image's ``time_ids`` come from the batch.
     At the end of fit, ``text_features.safetensors`` (features + prompt, base model, steps) is
     written to ``output_dir`` (default: the trainer's ``default_root_dir``).
     """
 
-    frozen_names = ("vae", "text_encoder", "unet")
+    frozen_names = ("vae", "unet")
 
     def __init__(
         self,
@@ -59,33 +59,52 @@ class TextFeatureInversionModule(DiffusionTrainingModule):
         self.prompt = prompt_template.format(domain=domain)
         self.frozen_dtype = self.guard_frozen_dtype(frozen_dtype, "module.frozen_dtype")
         self.text_features: nn.Parameter | None = None
+        self.pooled_features: nn.Parameter | None = None
+        self.family: ModelFamily | None = None
 
     def setup(self, stage: str) -> None:
         if self.text_features is not None:
             return
         pipe = self.model_loader()
+        self.family = family_of(pipe)
         self.vae = freeze(pipe.vae.to(self.frozen_dtype))
-        self.text_encoder = freeze(pipe.text_encoder)
         self.unet = freeze(pipe.unet.to(self.frozen_dtype))
         self._setup_noise(pipe)
         self._attach_vae_to_data()
-        # 1. The prompt's output features, encoded once by the frozen text encoder (fp32).
-        features = encode_prompt(pipe.tokenizer, self.text_encoder, self.prompt)
-        self.text_features = nn.Parameter(features.detach().clone())
-        self.initial_features = features.detach().clone()
-        # the text encoder is not needed after this; drop it to save memory
-        self.text_encoder = None
+        # 1. The prompt's output features (and pooled embedding), encoded once by the frozen
+        #    text encoder(s) in fp32; the encoders are not kept (memory).
+        features, pooled = self.family.encode_prompt(pipe, [self.prompt])
+        self.text_features = nn.Parameter(features.detach().float().clone())
+        self.initial_features = features.detach().float().clone()
+        if pooled is not None:
+            self.pooled_features = nn.Parameter(pooled.detach().float().clone())
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [self.text_features]
+        return [p for p in (self.text_features, self.pooled_features) if p is not None]
 
     def denoiser(self):
-        """The frozen UNet conditioned on the learned features ``F^T``."""
-        context = self.text_features.to(self.unet.dtype)
+        """The frozen UNet conditioned on the learned features ``F^T`` (no added conditions)."""
+        return self.denoiser_for({})
+
+    def denoiser_for(self, batch: dict):
+        """The frozen UNet conditioned on ``F^T`` (and, by the family, the pooled features and
+        each image's ``time_ids`` from ``batch``)."""
+        dtype = self.unet.dtype
+        context = self.text_features.to(dtype)
+        time_ids = self.family.batch_time_ids(batch)
 
         def predict(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            cond = context.expand(noisy.shape[0], -1, -1)
-            return self.unet(noisy.to(self.unet.dtype), t, encoder_hidden_states=cond).sample
+            rows = noisy.shape[0]
+            pooled = None
+            if self.pooled_features is not None:
+                pooled = self.pooled_features.to(dtype).expand(rows, -1)
+            ids = None if time_ids is None else time_ids.to(noisy.device, dtype)
+            return self.unet(
+                noisy.to(dtype),
+                t,
+                encoder_hidden_states=context.expand(rows, -1, -1),
+                added_cond_kwargs=self.family.added_cond_kwargs(pooled, ids),
+            ).sample
 
         return predict
 
@@ -98,4 +117,6 @@ class TextFeatureInversionModule(DiffusionTrainingModule):
         return self.export_path
 
     def export(self, out: str | Path) -> Path:
-        return save_text_features(out, self.text_features.detach(), self.metadata())
+        pooled = None if self.pooled_features is None else self.pooled_features.detach()
+        meta = self.metadata() | {"family": self.family.name}
+        return save_text_features(out, self.text_features.detach(), meta, pooled)
