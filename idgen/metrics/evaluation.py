@@ -6,7 +6,6 @@ entry point and notebooks can call the same code.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -20,42 +19,15 @@ from idgen.metrics.canny import canny_discrepancy
 from idgen.metrics.clip import Attribute, attribute_alignment, clip_loader, clip_score, load_clip
 from idgen.metrics.fidelity import fid_kid
 from idgen.metrics.images import ImageFolderError, list_images, load_uint8, png_text
+from idgen.metrics.manifest import SAMPLES_INDEX, find_manifest, images_to_score
 
 log = logging.getLogger(__name__)
-
-SAMPLES_INDEX = "samples.jsonl"  # idgen-sample's index: one JSON object per image
-
-
-def _index_prompts(samples_dir: Path) -> dict[str, str]:
-    """file name -> prompt from samples.jsonl, when idgen-sample wrote one.
-
-    idgen-sample writes the index into its run dir, beside the image folder (``<run>/samples``),
-    so the parent of ``samples_dir`` is searched too.
-    """
-    found: dict[str, str] = {}
-    index = next(
-        (
-            d / SAMPLES_INDEX
-            for d in (samples_dir, samples_dir.parent)
-            if (d / SAMPLES_INDEX).is_file()
-        ),
-        None,
-    )
-    if index is None:
-        return found
-    for line in index.read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        name = row.get("file") or row.get("path") or row.get("image")
-        if name and "prompt" in row:
-            found[Path(name).name] = str(row["prompt"])
-    return found
 
 
 def sample_prompts(samples_dir: str | os.PathLike, paths: Sequence[Path]) -> list[str]:
     """The prompt of each sample: PNG text chunk ``prompt``, else ``samples.jsonl``; clear error if none."""
-    index = _index_prompts(Path(samples_dir))
+    manifest = find_manifest(samples_dir)
+    index = manifest.prompts() if manifest is not None else {}
     prompts = []
     for path in paths:
         prompt = png_text(path).get("prompt") if path.suffix.lower() == ".png" else None
@@ -193,6 +165,9 @@ def evaluate_folder(
 ) -> dict:
     """Every configured metric of the images in ``samples_dir``; counts reported beside scores.
 
+    With idgen-sample's manifest (``samples.jsonl``) exactly the images it lists are scored;
+    other image files there are counted (``num_ignored_files``), logged and left on disk.
+
     ``extractor`` (with ``reference_dir``) enables FID/KID, ``clip_model`` CLIP score and, with
     ``attributes``, attribute alignment; ``canny_options`` (``conditions_dir``, ``low``, ``high``)
     the canny discrepancy. Each of ``extra_metrics`` is called as ``metric(sample_paths,
@@ -200,8 +175,11 @@ def evaluate_folder(
     ``reference_dir`` is read like training's ``data.root`` (scan, skips, resize + centre crop at
     ``resolution``, by default the samples' size); ``scan_cache_dir`` shares training's scan cache.
     """
-    paths = list_images(samples_dir, "samples folder")
+    # the images of the current sampling plan (its manifest), not stale files beside them
+    scored = images_to_score(samples_dir)
+    paths = scored.paths
     results: dict = {"samples_dir": str(samples_dir), "num_samples": len(paths)}
+    results.update(scored.summary())
 
     # 1. FID / KID against the reference folder (reference features cached)
     if extractor is not None:

@@ -3,11 +3,16 @@
 Layout under ``out_dir``::
 
     samples/p{prompt:04d}_{index:06d}.png   one per image, written atomically
-    samples.jsonl                          one record per finished image, in index order
+    samples.jsonl                          the manifest: one record per finished image of
+                                           the current plan, in index order
     grids/p{prompt:04d}_<prompt words>.png the images of each prompt side by side
 
 An image is done when its PNG exists and carries the same parameter hash, prompt and seed: a
 rerun skips it. Stray temp files of a killed run are removed; nothing finished is rewritten.
+The manifest is rewritten atomically when a run starts and when it ends, so it always describes
+the current plan: PNGs of an earlier plan in the same folder (a rerun with fewer images per
+prompt, other prompts or settings) stay on disk but are not listed, and idgen-eval scores
+exactly what it lists.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ def grid_name(index: int, prompt: str, max_chars: int = 60) -> str:
 
 
 PARAMS_KEY = "idgen"  # PNG text chunk holding the JSON record
+MANIFEST = "samples.jsonl"  # the current plan's finished images (idgen-eval scores these)
 HASH_KEY = "idgen_params_hash"
 
 
@@ -81,6 +87,9 @@ class SampleWriter:
         # atomic_write_bytes names its temp files .<name>.<rand>.tmp
         for stray in self.images_dir.glob(".*.tmp"):
             stray.unlink(missing_ok=True)
+        # From now on the manifest describes this plan (a kill before finalize() leaves the
+        # images of this plan that were already done listed, not an earlier plan's).
+        self.write_manifest()
 
     def write(self, item: dict[str, Any]) -> None:
         """One finished image (``item``: a plan item + ``image`` + ``guidance_weights``)."""
@@ -109,21 +118,27 @@ class SampleWriter:
             **self.params,
         }
 
-    def finalize(self, loggers: Sequence[Logger] = ()) -> list[dict[str, Any]]:
-        """Write ``samples.jsonl`` (from the PNGs' own records) and one grid per prompt.
-
-        With ``loggers``, the grids also go to them, captioned with prompt, seeds and weights.
-        """
+    def write_manifest(self) -> tuple[list[dict[str, Any]], list[int]]:
+        """Write ``samples.jsonl``: the records (from the PNGs' own) of the plan's finished
+        images, atomically; returns them and the indices still missing."""
         records, missing = [], []
-        total = len(self.plan)
-        for index in range(total):
+        for index in range(len(self.plan)):
             if not self.is_done(index):
                 missing.append(index)
                 continue
             with Image.open(self.path_for(index)) as im:
                 records.append(json.loads(im.text[PARAMS_KEY]))
         lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-        atomic_write_text(self.out_dir / "samples.jsonl", lines)
+        atomic_write_text(self.out_dir / MANIFEST, lines)
+        return records, missing
+
+    def finalize(self, loggers: Sequence[Logger] = ()) -> list[dict[str, Any]]:
+        """Write ``samples.jsonl`` (from the PNGs' own records) and one grid per prompt.
+
+        With ``loggers``, the grids also go to them, captioned with prompt, seeds and weights.
+        """
+        records, missing = self.write_manifest()
+        total = len(self.plan)
         if missing:
             log.warning("%d of %d images missing: %s", len(missing), total, missing[:10])
         grids, captions = [], []
