@@ -115,6 +115,7 @@ def load_sd(
     variant: str | None = None,
     local_files_only: bool | None = None,
     family: str = "sd15",
+    config: str | os.PathLike | None = None,
 ) -> StableDiffusionPipeline:
     """Load a pipeline of model ``family`` (``sd15``, ``sdxl``: its diffusers ``txt2img`` class)
     from a local folder or a hub id.
@@ -122,12 +123,23 @@ def load_sd(
     The safety checker (SD1.5) and the watermark (SDXL) are left out. A local folder of another
     family (read from its ``model_index.json``) raises ``FamilyError`` before anything loads.
     Offline (``HF_HUB_OFFLINE=1``) a missing or incomplete folder raises ``SDLoadError`` naming
-    the path, what is missing and how to get the weights.
+    the path, what is missing and how to get the weights. ``pretrained`` may also be one
+    original-layout SD1.5 ``.safetensors`` (a community checkpoint), read with the diffusers
+    folder ``config`` (:func:`idgen.models.single_file.load_single_file`).
     """
     from idgen.models.family import check_folder_family, family_named
+    from idgen.models.single_file import is_single_file, load_single_file
 
     spec = family_named(family)
     torch_dtype = parse_optional_dtype(torch_dtype, "model.torch_dtype")
+    if is_single_file(pretrained):
+        if spec.name != "sd15":
+            raise SDLoadError(
+                f"model.pretrained='{pretrained}': single files are read for the sd15 family "
+                f"only; convert this {spec.name} checkpoint to a diffusers folder."
+            )
+        pipe = load_single_file(pretrained, config, torch_dtype, local_files_only)
+        return pipe.to(device) if device is not None else pipe
     source = os.path.expanduser(str(pretrained))
     is_local = Path(source).exists() or _looks_like_path(source)
     if is_local:

@@ -39,10 +39,11 @@ from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
-from diffusers.utils import BaseOutput
+from diffusers.utils import USE_PEFT_BACKEND, BaseOutput, scale_lora_layers, unscale_lora_layers
 from diffusers.utils.torch_utils import randn_tensor
 
 from idgen.guidance import CONTROL, DOMAIN, GuidanceTerm, Guider, decoupled_terms, is_active
+from idgen.models.lora import check_lora, lora_problem
 from idgen.models.text import accepts_text, encode_text
 from idgen.pipelines.controlnet_residuals import Chunk, Control, chunk_residuals, split_multi
 from idgen.pipelines.diffusers_call import (
@@ -255,6 +256,38 @@ class InDomainPipeline(
         """
         super().save_pretrained(save_directory, *args, **kwargs)
         (Path(save_directory) / PIPELINE_FILE).write_text(_PIPELINE_SHIM, encoding="utf-8")
+
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict: str | Path | dict[str, torch.Tensor],
+        adapter_name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """diffusers' ``load_lora_weights`` into the frozen SD's UNet and text encoder (so the
+        LoRA acts on the control term and the unconditional prediction, as on SD), after checking
+        that a local file, folder or state dict fits them: a LoRA for another base or family is one
+        ``ValueError`` line, and nothing is loaded."""
+        source = pretrained_model_name_or_path_or_dict
+        if isinstance(source, dict):
+            why = lora_problem(
+                {k: list(v.shape) for k, v in source.items() if isinstance(v, torch.Tensor)},
+                unet=self.unet,
+                text_encoder=self.text_encoder,
+            )
+        elif Path(str(source)).exists():
+            why = check_lora(
+                source,
+                unet=self.unet,
+                text_encoder=self.text_encoder,
+                weight_name=kwargs.get("weight_name"),
+            )
+        else:
+            why = None  # a hub id: diffusers resolves and checks it
+        if why:
+            raise ValueError(
+                f"LoRA '{source if not isinstance(source, dict) else 'state dict'}' {why}."
+            )
+        super().load_lora_weights(source, adapter_name=adapter_name, **kwargs)
 
     # ----------------------------------------------------------------------------- helpers
 
@@ -526,13 +559,14 @@ class InDomainPipeline(
         width: int,
         callback_on_step_end_tensor_inputs: list[str],
         control_image: Any,
+        custom_schedule: bool = False,
     ) -> None:
         """Raise on bad call arguments before any model runs (diffusers' ``check_inputs``)."""
         if weights not in get_args(WeightMode):
             raise ValueError(f"weights must be 'auto' or 'fixed', got {weights!r}")
         if prompt is None and prompt_embeds is None:
             raise ValueError("give prompt (a string or list of strings) or prompt_embeds")
-        if num_inference_steps < 1:
+        if not custom_schedule and (num_inference_steps is None or num_inference_steps < 1):
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if image is not None and not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
@@ -572,7 +606,12 @@ class InDomainPipeline(
         textual-inversion tokens are expanded, ``lora_scale`` scales the text encoder's LoRA
         layers, ``clip_skip`` takes an earlier CLIP layer; the negative rows are ``None`` unless
         ``do_classifier_free_guidance``. Code written for SD's ``encode_prompt`` works unchanged.
+        (With transformers 5, whose ``CLIPTextModel`` has no ``text_model``, SD's own
+        ``clip_skip`` raises; here the skipped-layer features are made as SD makes them.)
         """
+        if clip_skip is not None and prompt_embeds is None:
+            prompt_embeds = self._clip_skip_embeds(prompt, device, clip_skip, lora_scale)
+            clip_skip = None  # SD encodes the negative prompt without clip_skip, so do we
         return StableDiffusionPipeline.encode_prompt(
             self,
             prompt,
@@ -585,6 +624,36 @@ class InDomainPipeline(
             lora_scale=lora_scale,
             clip_skip=clip_skip,
         )
+
+    def _clip_skip_embeds(
+        self, prompt: str | list[str], device: torch.device, clip_skip: int, lora_scale
+    ) -> torch.Tensor:
+        """SD's ``clip_skip`` features: the hidden states ``clip_skip`` layers before the last,
+        through the final layer norm (textual-inversion tokens expanded, LoRA scaled)."""
+        texts = self.maybe_convert_prompt(
+            [prompt] if isinstance(prompt, str) else prompt, self.tokenizer
+        )
+        ids = self.tokenizer(
+            texts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = ids.attention_mask.to(device)
+        model = getattr(self.text_encoder, "text_model", self.text_encoder)
+        if lora_scale is not None and USE_PEFT_BACKEND:
+            scale_lora_layers(self.text_encoder, lora_scale)
+        try:
+            hidden = self.text_encoder(
+                ids.input_ids.to(device), attention_mask=mask, output_hidden_states=True
+            ).hidden_states[-(clip_skip + 1)]
+            return model.final_layer_norm(hidden)
+        finally:
+            if lora_scale is not None and USE_PEFT_BACKEND:
+                unscale_lora_layers(self.text_encoder, lora_scale)
 
     def encode_image(self, image, device, num_images_per_prompt, output_hidden_states=None):
         """``StableDiffusionPipeline.encode_image`` (IP-Adapter's image features and zeros)."""
@@ -831,6 +900,7 @@ class InDomainPipeline(
             width,
             callback_on_step_end_tensor_inputs,
             control_image,
+            custom_schedule=timesteps is not None or sigmas is not None,
         )
         if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
             raise ValueError("give ip_adapter_image or ip_adapter_image_embeds, not both")

@@ -187,9 +187,10 @@ class DecoupledGuidanceSampling(Callback):
         )
         kwargs = self.settings.pipeline_kwargs(terms, parts.control_image, parts.image)
         if kwargs["negative_prompt"] is not None:
-            kwargs["negative_prompt"] = parts.convert_prompts([kwargs["negative_prompt"]] * pad_to)
+            kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * pad_to
+        # Multi-vector "<v>" tokens are expanded by the pipeline's encode_prompt (diffusers').
         out = self.pipe(
-            prompt=parts.convert_prompts(raw),
+            prompt=raw,
             generator=generators,
             height=self.resolution,
             width=self.resolution,

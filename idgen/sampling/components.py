@@ -29,7 +29,6 @@ class SamplingComponents:
     extra: list[GuidanceTerm | None] = field(default_factory=list)  # None: the baseline's slot
     baseline: Any = None  # baseline_mode="rectify": the baseline pipeline (its UNet is a term)
     baseline_term: dict[str, Any] = field(default_factory=dict)
-    prompt_pipe: Any = None  # baseline_mode="pipeline": expands multi-vector "<v>" tokens
 
     def modules(self) -> list[nn.Module]:
         """Models outside the pipeline's components: extra terms and the rectified baseline."""
@@ -58,12 +57,6 @@ class SamplingComponents:
         term = GuidanceTerm(model=self.baseline.unet, prompt_embeds=embeds, **spec)
         return [term if t is None else t for t in self.extra]
 
-    def convert_prompts(self, prompts: list[str]) -> list[str]:
-        """diffusers expands a multi-vector ``<v>`` into ``<v> <v>_1 ...`` before tokenizing."""
-        if self.prompt_pipe is None:
-            return prompts
-        return self.prompt_pipe.maybe_convert_prompt(prompts, self.prompt_pipe.tokenizer)
-
 
 def load_components(
     sd: Callable[[], Any] | Any, settings: SamplerSettings, baseline_model: str | None = None
@@ -85,7 +78,7 @@ def load_components(
             out.baseline = baseline  # SD stays the base: its uncond rectifies the baseline
             out.baseline_term = _baseline_term_spec(s.extra_guidance)
         else:
-            out.base = out.prompt_pipe = baseline  # standard CFG with the baseline's parts
+            out.base = baseline  # standard CFG with the baseline's parts
     if s.controlnet:
         paths = s.controlnet if isinstance(s.controlnet, list | tuple) else [s.controlnet]
         nets = [ControlNetModel.from_pretrained(existing(p, "sampler.controlnet")) for p in paths]
