@@ -489,3 +489,83 @@ def test_single_file_that_is_not_sd15_is_an_error(tmp_path, content, message):
         save_file(content, str(file))
     with pytest.raises(SDLoadError, match=message):
         load_sd(str(file), config=str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- IP-Adapter
+
+
+def tiny_ip_adapter(unet, tokens: int = 4, width: int = 32, seed: int = 5) -> dict:
+    """An IP-Adapter state dict for ``unet`` in the original layout diffusers loads: an image
+    projection (image embedding -> ``tokens`` text-width tokens) and to_k_ip / to_v_ip for each
+    cross-attention, numbered as the original files number them (1, 3, 5, ...)."""
+    g = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    proj = {
+        "proj.weight": torch.randn(cross * tokens, width, generator=g) * 0.1,
+        "proj.bias": torch.zeros(cross * tokens),
+        "norm.weight": torch.ones(cross),
+        "norm.bias": torch.zeros(cross),
+    }
+    layers = {}
+    attn2 = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
+    for i, name in enumerate(attn2):
+        hidden = unet.get_submodule(name.removesuffix(".processor")).to_q.out_features
+        for kind in ("to_k_ip", "to_v_ip"):
+            layers[f"{2 * i + 1}.{kind}.weight"] = torch.randn(hidden, cross, generator=g) * 0.1
+    return {"image_proj": proj, "ip_adapter": layers}
+
+
+def test_ip_adapter_equals_sd():
+    """load_ip_adapter + ip_adapter_image: the image conditions the frozen SD's text term and
+    zeros its unconditional one, exactly as in StableDiffusionPipeline."""
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            projection_dim=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=4,
+        )
+    ).eval()
+    a, b = build_tiny_sd(seed=0), build_tiny_sd(seed=0)
+    state = tiny_ip_adapter(a.unet)
+    ours = InDomainPipeline(
+        a.vae, a.text_encoder, a.tokenizer, a.unet, _dpm(a.scheduler.config), image_encoder=encoder
+    )
+    ref = StableDiffusionPipeline(
+        b.vae,
+        b.text_encoder,
+        b.tokenizer,
+        b.unet,
+        _dpm(b.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=encoder,
+        requires_safety_checker=False,
+    )
+    for pipe in (ours, ref):
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_ip_adapter(
+            {k: dict(v) for k, v in state.items()}, subfolder="", weight_name="ip.bin"
+        )
+    rng = np.random.default_rng(0)
+    image = Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8))
+    kw = dict(guidance_scale=5.0, ip_adapter_image=image)
+    mine = _run(ours, **kw)
+    torch.testing.assert_close(mine, _run(ref, **kw), **TOL)
+    # precomputed embeddings ([negative; positive] per adapter, diffusers' layout) give the same
+    embeds = ref.prepare_ip_adapter_image_embeds(image, None, torch.device("cpu"), 1, True)
+    given = _run(ours, guidance_scale=5.0, ip_adapter_image_embeds=embeds)
+    torch.testing.assert_close(given, mine, **TOL)
+    ours.set_ip_adapter_scale(0.0)  # the adapter off: the plain prompt's image
+    ref.set_ip_adapter_scale(0.0)
+    off = _run(ours, **kw)
+    torch.testing.assert_close(off, _run(ref, **kw), **TOL)
+    assert (mine - off).abs().max() > 1e-4
