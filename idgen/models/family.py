@@ -3,7 +3,8 @@
 The rest of idgen asks the family (``family_of(pipe)``) how to encode prompts, what the
 unconditional branch is, what added conditions a UNet needs per image, which diffusers
 pipelines are the reference and how a folder is recognised; it never tests for a family by
-name. A new family (SD3) is one more :class:`ModelFamily` in :data:`FAMILIES`.
+name. A new family is one more :class:`ModelFamily` in :data:`FAMILIES` (SD3 was the second:
+:class:`SD3Family`, a transformer denoiser trained by flow matching).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any
 import torch
 from diffusers import (
     ControlNetModel,
+    StableDiffusion3Img2ImgPipeline,
+    StableDiffusion3Pipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionPipeline,
@@ -26,8 +29,11 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
+from idgen.models.null_text_transformer import NullTextSD3Transformer
+from idgen.models.null_text_unet import NullTextUNet
 from idgen.models.text import encode_text
 from idgen.models.tiny import build_tiny_sd
+from idgen.models.tiny_sd3 import build_tiny_sd3
 from idgen.models.tiny_sdxl import build_tiny_sdxl
 from idgen.utils.validation import UserInputError
 
@@ -55,6 +61,50 @@ class ModelFamily:
     addition_embed_type: str | None = None
     #: keyword arguments ``txt2img.from_pretrained`` needs beside the weights
     load_kwargs: tuple[tuple[str, Any], ...] = ()
+    #: the pipeline attribute holding the denoiser (``unet``; SD3: ``transformer``)
+    denoiser_name: str = "unet"
+    #: how the denoiser is trained: ``"denoising"`` (DDPM noise, the scheduler's
+    #: ``prediction_type``) or ``"flow_matching"`` (velocity ``noise - x0``, SD3)
+    training_objective: str = "denoising"
+
+    # --- the denoiser ------------------------------------------------------------------------
+    def denoiser(self, pipe: Any) -> Any:
+        """The pipeline's denoiser (its UNet, or SD3's transformer)."""
+        return getattr(pipe, self.denoiser_name)
+
+    def predict(
+        self,
+        model: Any,
+        noisy: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        pooled: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One text-conditioned forward of the family's denoiser (``context`` [B, T, D])."""
+        return model(
+            noisy,
+            t,
+            encoder_hidden_states=context,
+            added_cond_kwargs=self.added_cond_kwargs(pooled, time_ids),
+        ).sample
+
+    def null_text_model(
+        self,
+        denoiser: Any,
+        text_features: torch.Tensor,
+        pooled_features: torch.Tensor | None = None,
+        **init: Any,
+    ) -> Any:
+        """The text-free domain model copied from ``denoiser`` and ``F^T`` (paper Eq. 5):
+        :class:`NullTextUNet` (``init``: its ``init``, ``calibration_latents``, ``generator``)."""
+        return NullTextUNet.from_unet(
+            denoiser, text_features, pooled_features=pooled_features, **init
+        )
+
+    def load_kwargs_for(self, folder: str | os.PathLike) -> dict[str, Any]:
+        """``txt2img.from_pretrained`` keyword arguments for this folder (beside the weights)."""
+        return dict(self.load_kwargs)
 
     # --- prompts -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -105,7 +155,10 @@ class ModelFamily:
     # --- recognition -------------------------------------------------------------------------
     def owns_unet_config(self, config: Any) -> bool:
         """Whether a UNet config (dict or FrozenDict) is of this family."""
-        return dict(config).get("addition_embed_type") == self.addition_embed_type
+        config = dict(config)
+        if "joint_attention_dim" in config or "transformer_config" in config:
+            return False  # an MMDiT (SD3), not a UNet
+        return config.get("addition_embed_type") == self.addition_embed_type
 
 
 @dataclass(frozen=True)
@@ -136,6 +189,73 @@ class SDXLFamily(ModelFamily):
         rows = max(p.shape[0] for p in parts)
         return torch.cat([p.expand(rows, 2) for p in parts], dim=1).float()
 
+
+@dataclass(frozen=True)
+class SD3Family(ModelFamily):
+    """SD3 / SD3.5: an MMDiT (``SD3Transformer2DModel``) over joint text tokens (two CLIPs'
+    hidden states + optional T5) and a pooled vector, trained by flow matching; the
+    unconditional branch is the encoding of ``""`` (as ``StableDiffusion3Pipeline`` does)."""
+
+    @torch.no_grad()
+    def encode_prompt(self, pipe, texts, device=None):
+        # StableDiffusion3Pipeline.encode_prompt itself: CLIP-L and CLIP-G hidden states
+        # concatenated, zero-padded to the T5 width, then the T5 tokens (zeros without T5);
+        # pooled = both CLIP projections.
+        device = device if device is not None else pipe.text_encoder.device
+        texts = list(texts)
+        embeds, _, pooled, _ = StableDiffusion3Pipeline.encode_prompt(
+            pipe, texts, texts, texts, device=device, do_classifier_free_guidance=False
+        )
+        return embeds, pooled
+
+    def predict(self, model, noisy, t, context, pooled=None, time_ids=None):
+        rows = noisy.shape[0]
+        timestep = torch.as_tensor(t, device=noisy.device)
+        return model(
+            hidden_states=noisy,
+            encoder_hidden_states=context,
+            pooled_projections=pooled,
+            timestep=timestep.expand(rows) if timestep.ndim == 0 else timestep,
+        ).sample
+
+    def null_text_model(self, denoiser, text_features, pooled_features=None, **init):
+        if pooled_features is None:
+            raise ValueError(
+                "an SD3 null-text transformer needs the pooled F^T beside F^T (the stage-1 file "
+                "of an SD3 base holds both)."
+            )
+        return NullTextSD3Transformer.from_transformer(
+            denoiser, text_features, pooled_features, init=init.get("init") or "value"
+        )
+
+    def load_kwargs_for(self, folder):
+        # diffusers loads an SD3 folder saved without T5 only when told text_encoder_3=None.
+        index = Path(folder) / "model_index.json"
+        kwargs = dict(self.load_kwargs)
+        if not index.is_file():
+            return kwargs  # a hub id: diffusers reads its index itself
+        entries = json.loads(index.read_text(encoding="utf-8"))
+        for name in ("text_encoder_3", "tokenizer_3"):
+            if not (entries.get(name) or [None])[0]:
+                kwargs[name] = None
+        return kwargs
+
+    def owns_unet_config(self, config):
+        config = dict(config)
+        return "joint_attention_dim" in dict(config.get("transformer_config", config))
+
+
+#: Pipelines idgen refuses, with the reason (a folder of one is named in one line).
+UNSUPPORTED: dict[str, str] = {
+    name: (
+        "FLUX.1-dev is guidance-distilled (the guidance scale is an input of its transformer) "
+        "and FLUX.1-schnell is step-distilled without guidance: neither has an unconditional "
+        "branch eps(z, '') to keep, so the paper's decoupled formula eps(z,'') + sum_i w_i "
+        "(eps_i - eps(z,'')) does not apply; use an SD3/SD3.5 folder (model=sd3), which keeps "
+        "real classifier-free guidance."
+    )
+    for name in ("FluxPipeline", "FluxImg2ImgPipeline", "FluxKontextPipeline")
+}
 
 FAMILIES: dict[str, ModelFamily] = {
     "sd15": ModelFamily(
@@ -183,6 +303,33 @@ FAMILIES: dict[str, ModelFamily] = {
         addition_embed_type="text_time",
         load_kwargs=(("add_watermarker", False),),
     ),
+    "sd3": SD3Family(
+        name="sd3",
+        class_names=(
+            "StableDiffusion3Pipeline",
+            "StableDiffusion3Img2ImgPipeline",
+            "InDomainSD3Pipeline",
+        ),
+        components=(
+            "vae",
+            "text_encoder",
+            "tokenizer",
+            "text_encoder_2",
+            "tokenizer_2",
+            "transformer",
+            "scheduler",
+        ),
+        txt2img=StableDiffusion3Pipeline,
+        img2img=StableDiffusion3Img2ImgPipeline,
+        # diffusers' SD3 ControlNet pipeline needs SD3ControlNetModel; idgen's ControlNet path
+        # is UNet-only, so SD3 names no ControlNet reference (None).
+        controlnet_pipeline=None,
+        controlnet_class=None,
+        default_resolution=1024,
+        build_tiny=build_tiny_sd3,
+        denoiser_name="transformer",
+        training_objective="flow_matching",
+    ),
 }
 
 
@@ -219,6 +366,10 @@ def family_of(model: Any) -> ModelFamily:
     """
     if isinstance(model, str | os.PathLike):
         name = folder_class_name(model)
+        if name in UNSUPPORTED:
+            raise FamilyError(
+                f"'{model}' is a {name} folder, which idgen does not support: {UNSUPPORTED[name]}"
+            )
         for family in FAMILIES.values():
             if name in family.class_names:
                 return family
@@ -234,6 +385,10 @@ def family_of(model: Any) -> ModelFamily:
         )
     config = getattr(model, "config", None)
     if hasattr(model, "components"):  # a DiffusionPipeline
+        if type(model).__name__ in UNSUPPORTED:
+            raise FamilyError(
+                f"a {type(model).__name__} is not supported: {UNSUPPORTED[type(model).__name__]}"
+            )
         for family in FAMILIES.values():
             if type(model).__name__ in family.class_names or isinstance(model, family.txt2img):
                 return family
@@ -263,6 +418,8 @@ def check_folder_family(folder: str | os.PathLike, family: ModelFamily) -> None:
     name = folder_class_name(folder)
     if name is None:
         return  # no model_index.json: the missing-parts check names it
+    if name in UNSUPPORTED:
+        family_of(folder)  # raises, naming why
     try:
         found = family_of(folder)
     except FamilyError:

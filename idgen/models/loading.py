@@ -158,7 +158,7 @@ def load_sd(
             source,
             torch_dtype=torch_dtype,
             variant=variant,
-            **dict(spec.load_kwargs),
+            **spec.load_kwargs_for(source),
             local_files_only=local_files_only,
         )
     except (OSError, ValueError) as err:
