@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from idgen.utils.io import atomic_torch_save
+from idgen.utils.io import atomic_torch_save, remove_stale_temps
 
 # How reference images are read; part of the key, so features read another way are a miss.
 TRANSFORM = "resize-short-side+center-crop/v1"
@@ -42,12 +42,20 @@ def reference_key(
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+CACHE_GLOB = "reference-features-*.pt"  # every cache file's name (cache_path)
+
+
 def cache_path(cache_dir: str | os.PathLike, key: str) -> Path:
-    return Path(cache_dir) / f"reference-features-{key[:24]}.pt"
+    return Path(cache_dir) / CACHE_GLOB.replace("*", key[:24])
 
 
 def load_cached(cache_dir: str | os.PathLike, key: str) -> torch.Tensor | None:
-    """Cached features for ``key``, or None (missing, unreadable or for another key)."""
+    """Cached features for ``key``, or None (missing, unreadable or for another key).
+
+    First the temp files of cache writes a kill interrupted (``.reference-features-*.pt.*.tmp``
+    older than this run, their writer gone) are removed: no later run would otherwise.
+    """
+    remove_stale_temps(cache_dir, CACHE_GLOB)
     path = cache_path(cache_dir, key)
     if not path.is_file():
         return None

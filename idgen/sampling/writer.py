@@ -84,7 +84,7 @@ class SampleWriter:
     def prepare(self) -> None:
         """Create the folder and remove temp files of a killed run (call on one rank)."""
         self.images_dir.mkdir(parents=True, exist_ok=True)
-        # atomic_write_bytes names its temp files .<name>.<rand>.tmp
+        # atomic_write_bytes names its temp files .<name>.<host>-<pid>-<rand>.tmp
         for stray in self.images_dir.glob(".*.tmp"):
             stray.unlink(missing_ok=True)
         # From now on the manifest describes this plan (a kill before finalize() leaves the

@@ -270,8 +270,9 @@ def assert_finite_images(items: Iterable[dict[str, Any]], keys: Sequence[str] = 
 def remove_stale_temp_files(root: str | os.PathLike, min_age_s: float = 0.0) -> list[Path]:
     """Delete what interrupted atomic writes leave under ``root`` and return it.
 
-    ``idgen.utils.io`` writes ``.<name>.<random>.tmp`` files and ``.<name>.<random>`` folders
-    (exports) next to their target and renames them when complete; ``replace_dir`` leaves
+    ``idgen.utils.io`` writes ``.<name>.<host>-<pid>-<random>.tmp`` files and
+    ``.<name>.<random>`` folders (exports) next to their target and renames them when complete;
+    ``replace_dir`` leaves
     ``.<name>.old-<pid>`` when killed between its two renames. A kill leaves them behind. Only
     entries older than ``min_age_s`` go (for folders other jobs may be writing into, e.g. caches).
     """
