@@ -74,7 +74,7 @@ def base_geometry(model: DictConfig | dict | None) -> dict[str, Any]:
             "in_channels": 4,
             "sample_size": 8,
             "cross_attention_dim": 64,
-            "name": "tiny_sdxl",
+            "name": "tiny",  # what the modules record for the tiny presets (base_model)
             "family": "sdxl",
         }
     if target.endswith("build_tiny_sd"):

@@ -28,7 +28,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from idgen.guidance import GuidanceTerm
-from idgen.pipelines import InDomainPipeline
+from idgen.models.family import family_of
+from idgen.pipelines import InDomainPipeline, decoupled_pipeline_class
 from idgen.sampling.components import SamplingComponents, load_components
 from idgen.sampling.plan import SamplingPlan, params_hash
 from idgen.sampling.settings import BASELINE_MODES, SamplerSettings
@@ -142,7 +143,8 @@ class DecoupledGuidanceSampling(Callback):
         parts = self._parts
         domain = getattr(pl_module, "domain_unet", None)
         if self.pipe is None:
-            self.pipe = InDomainPipeline.from_sd(
+            # the base's family picks the sampler (InDomainPipeline, InDomainXLPipeline, ...)
+            self.pipe = decoupled_pipeline_class(family_of(parts.base)).from_sd(
                 parts.base,
                 domain_unet=domain,
                 controlnet=parts.controlnet,
