@@ -9,6 +9,7 @@ from idgen.pipelines.in_domain import (
     fix_scheduler_config,
     make_scheduler,
 )
+from idgen.pipelines.in_domain_sd3 import InDomainSD3Pipeline
 from idgen.pipelines.in_domain_xl import InDomainXLPipeline
 
 #: the decoupled sampler of each model family (``idgen.models.FAMILIES``' names)
@@ -30,6 +31,7 @@ __all__ = [
     "GuidanceTerm",
     "InDomainPipeline",
     "InDomainPipelineOutput",
+    "InDomainSD3Pipeline",
     "InDomainXLPipeline",
     "decoupled_pipeline_class",
     "fix_scheduler_config",
