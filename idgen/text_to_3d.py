@@ -31,6 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from idgen import CONFIG_DIR
+from idgen.preflight import validate_3d
 from idgen.scene import (
     CameraSampler,
     VoxelNeRF,
@@ -341,10 +342,9 @@ def write_outputs(run: Run, state: RunState, cfg: DictConfig, out: Path) -> dict
 
 def text_to_3d(cfg: DictConfig) -> dict[str, Any]:
     """Optimise (or resume) the scene, then write turntable, mesh, loss curve and metrics."""
+    validate_3d(cfg)  # numbers, weights, device, a domain model that fits the base: no model read
     out = Path(cfg.paths.output_dir)
     ckpt_path = out / "checkpoints" / "last.pt"
-    if cfg.steps < 0 or cfg.batch_size < 1:
-        raise ValueError(f"need steps >= 0 and batch_size >= 1, got {cfg.steps}, {cfg.batch_size}")
 
     # 1. Models, scene, loss
     run = build_run(cfg)

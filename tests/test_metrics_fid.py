@@ -185,7 +185,8 @@ def test_inception_builds_from_local_weights_file(tmp_path, no_network):
 def test_inception_offline_without_weights_is_one_clear_error(tmp_path, monkeypatch, no_network):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # empty hub cache
-    with pytest.raises(FeatureExtractorError, match="metrics.fid.weights_path"):
+    # the real config key (idgen/conf/metrics/inception.yaml), not the old metrics.fid.weights_path
+    with pytest.raises(FeatureExtractorError, match="metrics.fid.extractor.weights_path=<file>"):
         InceptionFeatures()
     with pytest.raises(FeatureExtractorError, match="does not exist"):
         InceptionFeatures(weights_path=tmp_path / "missing.pth")

@@ -21,15 +21,41 @@ from idgen.metrics.images import load_batch
 # torch-fidelity's Inception-v3 port (the weights of the TF FID reference implementation).
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_INPUT_SIZE = 299
+#: the config key of a local Inception weights file (idgen/conf/metrics/inception.yaml)
+WEIGHTS_KEY = "metrics.fid.extractor.weights_path"
 _HOW_TO_GET_INCEPTION = (
     "On a machine with internet run `wget {url}` (about 92 MB) and pass the file with "
-    "metrics.fid.weights_path=<file>, or put it in the torch hub cache as "
+    f"{WEIGHTS_KEY}=<file>, or put it in the torch hub cache as "
     "$TORCH_HOME/hub/checkpoints/{name} (default ~/.cache/torch/hub/checkpoints/)."
 )
 
 
 class FeatureExtractorError(RuntimeError):
     """A feature extractor cannot be built (e.g. Inception weights unavailable offline)."""
+
+
+def how_to_get_inception() -> str:
+    """One sentence: where the Inception-v3 weights come from and how to pass them."""
+    return _HOW_TO_GET_INCEPTION.format(url=INCEPTION_URL, name=Path(INCEPTION_URL).name)
+
+
+def inception_weights_unavailable(weights_path: str | os.PathLike | None) -> str | None:
+    """Why :class:`InceptionFeatures` could not get its weights here, or None when it can.
+
+    A given ``weights_path`` must be a file; without one, the torch hub cache must hold the
+    weights unless a download is allowed (not offline). Reads no weights: idgen-eval's preflight
+    asks this before sampling or reading any image.
+    """
+    if weights_path is not None:
+        path = Path(weights_path).expanduser()
+        return None if path.is_file() else f"the Inception weights file '{path}' does not exist"
+    if _torch_hub_cached_inception().is_file() or not _offline():
+        return None
+    return (
+        "FID/KID need the Inception-v3 weights, which are not on this machine "
+        f"({_torch_hub_cached_inception()}) and cannot be downloaded offline "
+        "(HF_HUB_OFFLINE/IDGEN_OFFLINE is set)"
+    )
 
 
 def _offline() -> bool:
@@ -75,23 +101,13 @@ class InceptionFeatures(nn.Module):
 
         if feature not in (64, 192, 768, 2048):
             raise ValueError(f"metrics.fid.feature={feature}: must be one of 64, 192, 768, 2048.")
-        name = Path(INCEPTION_URL).name
-        how = _HOW_TO_GET_INCEPTION.format(url=INCEPTION_URL, name=name)
+        how = how_to_get_inception()
+        problem = inception_weights_unavailable(weights_path)
+        if problem is not None:
+            raise FeatureExtractorError(f"{WEIGHTS_KEY}={weights_path}: {problem}. {how}")
         if weights_path is not None:
             weights_path = Path(weights_path).expanduser()
-            if not weights_path.is_file():
-                raise FeatureExtractorError(
-                    f"Inception weights file '{weights_path}' (metrics.fid.weights_path) does not exist. "
-                    + how
-                )
             source = f"file-{_file_digest(weights_path)}"
-        elif _torch_hub_cached_inception().is_file():
-            source = "torch-fidelity-release"
-        elif _offline():
-            raise FeatureExtractorError(
-                "FID/KID need the Inception-v3 weights, which are not on this machine and cannot "
-                "be downloaded offline (HF_HUB_OFFLINE/IDGEN_OFFLINE is set). " + how
-            )
         else:
             source = "torch-fidelity-release"
         try:

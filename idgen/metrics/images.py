@@ -12,10 +12,12 @@ from PIL import Image
 
 # training's loader: alpha, 16-bit, CMYK, EXIF rotation, clear errors
 from idgen.data.images import DEFAULT_EXTENSIONS, list_image_files, load_rgb
+from idgen.utils.validation import ConfigError, PathError, UserInputError
 
 
-class ImageFolderError(FileNotFoundError):
-    """An evaluation image folder is missing, empty or holds an unreadable file."""
+class ImageFolderError(UserInputError, FileNotFoundError):
+    """An evaluation image folder is missing, empty or holds an unreadable file (a user error:
+    one line, exit 2)."""
 
 
 def list_images(folder: str | os.PathLike, what: str = "image folder") -> list[Path]:
@@ -50,6 +52,8 @@ def scan_reference(
     )
     try:
         return scanner.scan()
+    except ConfigError as err:  # named for training's data.root: say reference_dir here
+        raise PathError("reference_dir", str(folder), err.problem, "Check the files.") from None
     except (FileNotFoundError, ValueError) as err:
         raise ImageFolderError(f"reference image folder: {err}") from err
 

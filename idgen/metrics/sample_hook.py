@@ -72,8 +72,9 @@ def sample_overrides(sample: DictConfig, run_dir: Path | None = None) -> list[st
     return overrides
 
 
-def _sample_in_process(module: str, overrides: list[str], run_dir: Path) -> None:
-    """Compose idgen-sample's config (inside this Hydra app) and call its ``sample(cfg)``."""
+def compose_sample_config(overrides: list[str], run_dir: Path) -> DictConfig:
+    """idgen-sample's config with the hook's ``overrides``, writing into ``run_dir`` (composed
+    inside this Hydra app, or from plain Python)."""
     from hydra import compose
     from hydra.core.global_hydra import GlobalHydra
 
@@ -83,9 +84,13 @@ def _sample_in_process(module: str, overrides: list[str], run_dir: Path) -> None
         from idgen import CONFIG_DIR
 
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            return _sample_in_process(module, overrides, run_dir)
-    cfg = compose(config_name="sample", overrides=[*overrides, f"paths.output_dir={run_dir}"])
-    importlib.import_module(module).sample(cfg)
+            return compose_sample_config(overrides, run_dir)
+    return compose(config_name="sample", overrides=[*overrides, f"paths.output_dir={run_dir}"])
+
+
+def _sample_in_process(module: str, overrides: list[str], run_dir: Path) -> None:
+    """Compose idgen-sample's config (inside this Hydra app) and call its ``sample(cfg)``."""
+    importlib.import_module(module).sample(compose_sample_config(overrides, run_dir))
 
 
 def sample_first(sample: DictConfig, output_dir: Path) -> Path:
