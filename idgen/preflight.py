@@ -128,7 +128,30 @@ def check_base_model(cfg: DictConfig, key: str = "model") -> dict[str, Any]:
                 "Pass the folder that holds model_index.json, unet/, vae/, text_encoder/, "
                 "tokenizer/ and scheduler/.",
             )
-    return base_geometry(model)
+    geometry = base_geometry(model)
+    check_family_features(cfg, str(geometry.get("family") or "sd15"))
+    return geometry
+
+
+def check_family_features(cfg: DictConfig, family_name: str) -> None:
+    """What the config asks of the base beyond training and decoupled sampling (Table-1
+    baselines, ControlNet, idgen-3d's score distillation) is implemented for its family."""
+    from idgen.models.family import family_named
+
+    family = family_named(family_name)
+    module = str(get(cfg, "module._target_") or "")
+    if module.endswith("BaselineModule"):
+        family.require("baselines", "module", module.rsplit(".", 1)[-1])
+    for key, feature in (
+        ("baseline_model", "baselines"),
+        ("sampler.controlnet", "controlnet"),
+        ("callbacks.decoupled_sampling.settings.controlnet", "controlnet"),
+    ):
+        value = get(cfg, key)
+        if value:
+            family.require(feature, key, value)
+    if cfg.get("sds") is not None:
+        family.require("sds", "model", family.name)
 
 
 def check_resolution(

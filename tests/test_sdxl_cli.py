@@ -81,3 +81,24 @@ def test_other_family_is_one_line_before_loading(tmp_path, trained):
     cfg = compose_config("sample", tmp_path, ["model=sd15", f"model.pretrained={tmp_path / 'xl'}"])
     with pytest.raises(UserInputError, match="is a sdxl folder .*use model=sdxl"):
         sample(cfg)
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "named"),
+    [
+        ("train", ["experiment=demo", "module=baseline_lora"], "module='BaselineModule'"),
+        (
+            "sample",
+            ["sampler=controlnet", "sampler.controlnet=/x", "sampler.control_image=/x.png"],
+            "sampler.controlnet='/x'",
+        ),
+        ("3d", [], "score distillation"),
+    ],
+)
+def test_what_sdxl_lacks_yet_is_one_line(tmp_path, config, overrides, named):
+    from idgen import preflight
+
+    cfg = compose_config(config, tmp_path, [*overrides, "model=tiny_sdxl"])
+    validate = {"train": preflight.validate_train, "sample": preflight.validate_sample}
+    with pytest.raises(UserInputError, match=f"{named}.*not yet for sdxl"):
+        validate.get(config, preflight.validate_3d)(cfg)

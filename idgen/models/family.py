@@ -66,6 +66,20 @@ class ModelFamily:
     #: how the denoiser is trained: ``"denoising"`` (DDPM noise, the scheduler's
     #: ``prediction_type``) or ``"flow_matching"`` (velocity ``noise - x0``, SD3)
     training_objective: str = "denoising"
+    #: what idgen implements on this family beyond training and decoupled sampling
+    #: (``"baselines"``: the Table-1 baselines, ``"controlnet"``, ``"sds"``: idgen-3d)
+    features: frozenset[str] = frozenset()
+
+    def require(self, feature: str, key: str, value: Any) -> None:
+        """Raise :class:`FamilyError` (one line, naming ``key=value``) when idgen does not
+        implement ``feature`` for this family yet."""
+        if feature not in self.features:
+            have = ", ".join(n for n, f in FAMILIES.items() if feature in f.features)
+            raise FamilyError(
+                f"{key}={value!r} needs {FEATURE_NAMES.get(feature, feature)}, which idgen "
+                f"implements for {have or 'no'} bases only, not yet for {self.name}; use a base "
+                "of that family (model=...)."
+            )
 
     # --- the denoiser ------------------------------------------------------------------------
     def denoiser(self, pipe: Any) -> Any:
@@ -272,6 +286,7 @@ FAMILIES: dict[str, ModelFamily] = {
         controlnet_class=ControlNetModel,
         default_resolution=512,
         build_tiny=build_tiny_sd,
+        features=frozenset({"baselines", "controlnet", "sds"}),
         load_kwargs=(
             ("safety_checker", None),
             ("feature_extractor", None),
@@ -330,6 +345,12 @@ FAMILIES: dict[str, ModelFamily] = {
         denoiser_name="transformer",
         training_objective="flow_matching",
     ),
+}
+
+FEATURE_NAMES = {
+    "baselines": "the Table-1 baselines",
+    "controlnet": "ControlNet guidance",
+    "sds": "score distillation (idgen-3d)",
 }
 
 
