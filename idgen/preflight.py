@@ -115,6 +115,15 @@ def check_base_model(cfg: DictConfig, key: str = "model") -> dict[str, Any]:
     if model is None:
         raise ConfigError(key, None, "no base model configured", "Pass model=tiny or model=sd15.")
     pretrained = get(cfg, f"{key}.pretrained") if "pretrained" in model else None
+    from idgen.models.single_file import check_single_file_config, is_single_file
+
+    if pretrained and is_single_file(pretrained):  # a community .safetensors (+ model.config)
+        family = str(model.get("family") or "sd15")
+        geometry = check_single_file_config(
+            f"{key}.pretrained", pretrained, model.get("config"), family
+        )
+        check_family_features(cfg, family)
+        return geometry
     if pretrained and _looks_local(os.path.expanduser(str(pretrained))):
         # A folder of another family (model_index.json) is named before anything else.
         family = family_named(str(model.get("family") or "sd15"))
@@ -726,6 +735,7 @@ def validate_sample(cfg: DictConfig) -> None:
                 "must be a finite number >= 0 or auto",
                 "Pass a finite weight >= 0 (0 turns the term off).",
             )
+    check_sampler_adapters(cfg, geometry)
     domain = get(cfg, "domain_model")
     if domain:
         check_domain_model("domain_model", domain, geometry)
@@ -734,6 +744,24 @@ def validate_sample(cfg: DictConfig) -> None:
         check_dir("baseline_model", baseline, "an exported baseline", None)
     check_domain_given(cfg)
     check_accelerator(cfg)
+
+
+def check_sampler_adapters(cfg: DictConfig, geometry: dict[str, Any]) -> None:
+    """LoRAs (``sampler.lora``, ``sampler.extra_guidance.<i>.lora``) fit the base; a single-file
+    ``extra_guidance.<i>.model`` is an SD1.5 checkpoint (headers only)."""
+    from idgen.models.lora import check_lora_config
+    from idgen.models.single_file import is_single_file, single_file_problem
+
+    width = geometry.get("cross_attention_dim")
+    check_lora_config("sampler.lora", get(cfg, "sampler.lora"), width)
+    for i, term in enumerate(get(cfg, "sampler.extra_guidance") or []):
+        term = term if isinstance(term, dict) else {}
+        check_lora_config(f"sampler.extra_guidance.{i}.lora", term.get("lora"), width)
+        model = term.get("model")
+        if model and is_single_file(model) and (why := single_file_problem(model)):
+            raise ConfigError(
+                f"sampler.extra_guidance.{i}.model", str(model), why, "Pass an SD1.5 .safetensors."
+            )
 
 
 def check_weight(cfg: DictConfig, key: str) -> float | None:

@@ -147,3 +147,41 @@ def load_loras(pipe: Any, specs: Sequence[dict[str, Any]], field: str = "sampler
         scales.append(float(spec.get("scale", 1.0)))
     if names:
         pipe.set_adapters(names, adapter_weights=scales)
+
+
+def check_lora_config(key: str, entries: Any, cross_attention_dim: int | None = None) -> None:
+    """Preflight of a ``[{path: ..., scale: ...}]`` list at config ``key`` (``sampler.lora``):
+    each file exists, holds an SD1.5-family LoRA of the base's text width, and has a finite
+    scale. Reads headers only; raises ``ConfigError`` naming ``key.<i>``."""
+    import math
+
+    from idgen.utils.validation import ConfigError
+
+    if entries in (None, []):
+        return
+    if not isinstance(entries, list | tuple):
+        raise ConfigError(
+            key, entries, "must be a list", f"Pass {key}='[{{path: <file>, scale: 1.0}}]'."
+        )
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not entry.get("path"):
+            raise ConfigError(
+                f"{key}.{i}", entry, "needs a path", f"Pass {key}='[{{path: <file>, scale: 1.0}}]'."
+            )
+        scale = entry.get("scale", 1.0)
+        if (
+            not isinstance(scale, int | float)
+            or isinstance(scale, bool)
+            or not math.isfinite(scale)
+        ):
+            raise ConfigError(
+                f"{key}.{i}.scale", scale, "must be a finite number", "Pass scale: 1.0."
+            )
+        why = check_lora(entry["path"], cross_attention_dim, weight_name=entry.get("weight_name"))
+        if why:
+            raise ConfigError(
+                f"{key}.{i}.path",
+                str(entry["path"]),
+                why,
+                "Pass a LoRA trained for this base model (same family and size).",
+            )

@@ -292,3 +292,99 @@ def load_single_file(
     own_weights(*(m for m in pipe.components.values() if isinstance(m, torch.nn.Module)))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_single_file_models(path: str | os.PathLike, like: Any) -> tuple[Any, Any]:
+    """The UNet and CLIP text encoder of an SD1.5 single file, in the geometry of the loaded
+    pipeline ``like`` (a community checkpoint as a guidance term: no config folder needed).
+
+    Raises ``ValueError`` naming the file when it is not an SD1.5 checkpoint or its tensors do
+    not fit ``like``'s layers.
+    """
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+    )
+    from safetensors.torch import load_file
+
+    problem = single_file_problem(path)
+    if problem:
+        raise ValueError(f"'{path}' {problem}.")
+    checkpoint = load_file(str(Path(os.path.expanduser(str(path)))))
+    unet = UNet2DConditionModel.from_config(like.unet.config)
+    text_encoder = type(like.text_encoder)(like.text_encoder.config)
+    text_state = convert_ldm_clip_checkpoint(checkpoint)
+    if not any(k.startswith("text_model.") for k in text_encoder.state_dict()):
+        text_state = {k.removeprefix("text_model."): v for k, v in text_state.items()}
+    try:
+        unet.load_state_dict(convert_ldm_unet_checkpoint(checkpoint, like.unet.config))
+        missing, unexpected = text_encoder.load_state_dict(text_state, strict=False)
+        unexpected = [k for k in unexpected if not k.endswith("position_ids")]
+        if missing or unexpected:
+            raise RuntimeError(
+                f"text encoder keys missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise ValueError(
+            f"'{path}' does not fit the base model's layers ({' '.join(first[:2])[:300]}); "
+            "pass a checkpoint of the base's family and size."
+        ) from None
+    dtype = like.unet.dtype
+    return unet.to(dtype).eval(), text_encoder.to(like.text_encoder.dtype).eval()
+
+
+def check_single_file_config(
+    key: str, pretrained: Any, config: Any = None, family: str = "sd15"
+) -> dict[str, Any]:
+    """Preflight of ``model.pretrained=<file.safetensors>`` (``key``) and ``model.config``: the
+    file is an SD1.5-family single file whose text width fits the config folder's UNet. Reads
+    headers and JSON only; raises ``ConfigError``; returns the base geometry (as
+    ``idgen.preflight.base_geometry``)."""
+    from idgen.models.loading import missing_parts
+    from idgen.utils.validation import ConfigError
+
+    if family != "sd15":
+        raise ConfigError(
+            key,
+            str(pretrained),
+            f"is a single file; they are read for sd15 only, not {family}",
+            "Convert it to a diffusers folder, or use model=sd15.",
+        )
+    problem = single_file_problem(pretrained)
+    if problem:
+        raise ConfigError(key, str(pretrained), problem, "Pass an SD1.5-family .safetensors file.")
+    shapes = read_single_file_header(Path(os.path.expanduser(str(pretrained))))
+    width = single_file_cross_attention_dim(shapes)
+    geometry: dict[str, Any] = {"name": str(pretrained), "family": family, "vae_factor": 8}
+    if width is not None:
+        geometry["cross_attention_dim"] = width
+    config_key = key.rsplit(".", 1)[0] + ".config"
+    if config is None or not Path(os.path.expanduser(str(config))).exists():
+        return geometry  # a hub id (or diffusers' default), resolved when loading
+    folder = Path(os.path.expanduser(str(config)))
+    missing = missing_parts(folder)
+    if missing:
+        raise ConfigError(
+            config_key,
+            str(config),
+            f"is not a diffusers SD1.5 folder (missing {', '.join(missing)})",
+            "Pass the diffusers folder whose geometry the single file has (model_index.json, "
+            "unet/, vae/, text_encoder/, tokenizer/, scheduler/).",
+        )
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    if width is not None and unet.get("cross_attention_dim") not in (None, width):
+        raise ConfigError(
+            key,
+            str(pretrained),
+            f"has text width {width}, but {config_key}='{config}' has "
+            f"{unet.get('cross_attention_dim')}",
+            f"Pass a {config_key} folder of the same model size.",
+        )
+    geometry["vae_factor"] = 2 ** (len(vae.get("block_out_channels") or [0] * 4) - 1)
+    for field in ("in_channels", "sample_size", "cross_attention_dim"):
+        if unet.get(field) is not None:
+            geometry[field] = unet[field]
+    return geometry

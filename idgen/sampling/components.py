@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from idgen.guidance import GuidanceTerm
+from idgen.models.single_file import is_single_file, load_single_file_models
 from idgen.sampling.settings import SamplerSettings
 
 
@@ -68,6 +69,10 @@ def load_components(
     rectify = bool(baseline_model) and s.baseline_mode == "rectify"
     s.check_required(provided=["extra_guidance.0.model"] if rectify else [])
     sd = sd if isinstance(sd, DiffusionPipeline) else sd()
+    if s.lora:
+        from idgen.models.lora import load_loras
+
+        load_loras(sd, [dict(spec) for spec in s.lora], "sampler.lora")
     out = SamplingComponents(base=sd)
     if baseline_model:
         from idgen.baselines import load_baseline_pipeline
@@ -91,19 +96,43 @@ def load_components(
             out.extra.append(None)
             continue
         model = spec.pop("model", None)
+        loras = [dict(x) for x in spec.pop("lora", None) or []]
         if model is not None:
             path = existing(model, f"sampler.extra_guidance[{i}].model")
-            sub = "unet" if (path / "unet").is_dir() else None
-            model = UNet2DConditionModel.from_pretrained(path, subfolder=sub)
-            model.requires_grad_(False).eval()
-            if (path / "text_encoder").is_dir():
-                # A community pipeline folder may ship a fine-tuned text encoder: use it.
-                from transformers import CLIPTextModel
+            if is_single_file(path):
+                # A community single file: its UNet and text encoder in the base's geometry.
+                model, spec["text_encoder"] = load_single_file_models(path, sd)
+            else:
+                sub = "unet" if (path / "unet").is_dir() else None
+                model = UNet2DConditionModel.from_pretrained(path, subfolder=sub)
+                if (path / "text_encoder").is_dir():
+                    # A community pipeline folder may ship a fine-tuned text encoder: use it.
+                    from transformers import CLIPTextModel
 
-                encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
-                spec["text_encoder"] = encoder.requires_grad_(False).eval()
+                    encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
+                    spec["text_encoder"] = encoder.requires_grad_(False).eval()
+            model.requires_grad_(False).eval()
+        if loras:
+            model, spec["text_encoder"] = _term_with_loras(
+                sd, model, spec.get("text_encoder"), loras, i
+            )
         out.extra.append(GuidanceTerm(model=model, **spec))
     return out
+
+
+def _term_with_loras(sd: Any, unet: Any, text_encoder: Any, loras: list[dict], i: int):
+    """A term's UNet and text encoder with its own LoRAs: the term's models, or copies of the
+    frozen SD's (so the LoRA acts on this term only, the paper's customized control model)."""
+    import copy
+
+    from idgen.models.loading import sd_pipeline
+    from idgen.models.lora import load_loras
+
+    unet = copy.deepcopy(sd.unet) if unet is None else unet
+    text_encoder = copy.deepcopy(sd.text_encoder) if text_encoder is None else text_encoder
+    holder = sd_pipeline(sd.vae, text_encoder, sd.tokenizer, unet, sd.scheduler)
+    load_loras(holder, loras, f"sampler.extra_guidance[{i}].lora")
+    return unet.requires_grad_(False).eval(), text_encoder.requires_grad_(False).eval()
 
 
 def _baseline_term_spec(extra_guidance: list[dict[str, Any]]) -> dict[str, Any]:

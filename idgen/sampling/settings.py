@@ -23,10 +23,13 @@ BASELINE_MODES = ("pipeline", "rectify")
 class SamplerSettings:
     """Everything that decides an image besides its prompt and seed (``idgen/conf/sampler/*.yaml``).
 
-    Paths (``controlnet``, ``control_image``, ``image``, each ``extra_guidance[i].model``) are
-    strings, opened only when sampling starts. ``extra_guidance`` entries are dicts with the
-    fields of :class:`GuidanceTerm` (``name``, ``model``: a UNet folder or null for the frozen SD,
-    ``prompt``, ``weight``, ``start``, ``end``, ``reuse_every``).
+    Paths (``controlnet``, ``control_image``, ``image``, each ``extra_guidance[i].model``,
+    ``lora[i].path``) are strings, opened only when sampling starts. ``extra_guidance`` entries
+    are dicts with the fields of :class:`GuidanceTerm` (``name``, ``model``: a UNet folder, an
+    SD1.5 single ``.safetensors`` or null for the frozen SD, ``prompt``, ``weight``, ``start``,
+    ``end``, ``reuse_every``) and ``lora``: LoRAs on that term only (its model, or a copy of the
+    frozen SD's). ``lora`` entries (``{path: ..., scale: 1.0}``) load into the frozen SD as
+    diffusers' ``load_lora_weights`` does: control term and unconditional prediction.
     """
 
     name: str = "decoupled"
@@ -52,6 +55,8 @@ class SamplerSettings:
     image: str | None = None
     strength: float = 0.8
     extra_guidance: list[dict[str, Any]] = field(default_factory=list)
+    # LoRAs on the frozen SD ([{path: <file or folder>, scale: 1.0}]), as load_lora_weights.
+    lora: list[dict[str, Any]] = field(default_factory=list)
     # How an exported Table-1 baseline (idgen-sample baseline_model=<folder>) is used:
     # "pipeline": its UNet/text encoder/tokenizer replace SD's (standard CFG with sampler=cfg);
     # "rectify": the frozen SD stays, the baseline's UNet fills extra_guidance[0] (paper §4.5).
