@@ -161,6 +161,16 @@ def test_encode_prompt_is_sds(sd):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_encode_prompt_output_feeds_the_call_as_in_sd(sd):
+    """SD code that encodes once and passes prompt_embeds / negative_prompt_embeds works on ours."""
+    ours, ref = _pair(sd)
+    pe, ne = ref.encode_prompt(
+        [PROMPT, "a blue square"], "cpu", 2, True, negative_prompt=["x", "y"]
+    )
+    kw = dict(prompt=None, prompt_embeds=pe, negative_prompt_embeds=ne, guidance_scale=5.0)
+    torch.testing.assert_close(_run(ours, **kw), _run(ref, **kw), **TOL)
+
+
 # ----------------------------------------------------------------------------- properties, callbacks
 
 STATE = (
@@ -255,6 +265,29 @@ def test_callback_changing_the_weight_equals_sd(sd):
         callback_on_step_end_tensor_inputs=["guidance_weights"],
     )
     torch.testing.assert_close(by_name, theirs, **TOL)
+
+
+def test_callback_replacing_prompt_embeds_equals_sd(sd):
+    """A callback may swap the prompt mid-run. SD hands over [negative; prompt] rows (CFG on),
+    ours the prompt rows and the negative rows apart; the same swap gives the same images."""
+    ours, ref = _pair(sd)
+    other = ref.encode_prompt("a blue square", "cpu", 1, False)[0]
+
+    def swap_ref(pipe, step, t, kwargs):
+        if step == 1:
+            kwargs["prompt_embeds"] = torch.cat([kwargs["prompt_embeds"][:1], other])
+        return kwargs
+
+    def swap_ours(pipe, step, t, kwargs):
+        if step == 1:
+            kwargs["prompt_embeds"] = other
+        return kwargs
+
+    names = ["prompt_embeds"]
+    kw = dict(guidance_scale=5.0, callback_on_step_end_tensor_inputs=names)
+    mine = _run(ours, callback_on_step_end=swap_ours, **kw)
+    torch.testing.assert_close(mine, _run(ref, callback_on_step_end=swap_ref, **kw), **TOL)
+    assert (mine - _run(ours, guidance_scale=5.0)).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("how", ["guidance_scale", "guidance_weights"])
