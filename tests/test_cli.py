@@ -27,7 +27,8 @@ def test_train_cli_writes_data_and_base_grid(tmp_path):
     manifest = (run / "data_manifest.txt").read_text().splitlines()
     assert sum(line.startswith("train\t") for line in manifest) == 16
     grid = np.asarray(Image.open(run / "base_grid.png"))
-    # 4 prompts in a row (64px, 2px gaps), captioned above and labelled with their prompts below
-    assert grid.shape[0] > 64 + 4 and grid.shape[1] == 4 * 64 + 5 * 2
+    # 4 prompts in a row (64px images enlarged to 256px so a person can see them, 2px gaps),
+    # captioned above and labelled with their prompts below
+    assert grid.shape[0] > 256 + 4 and grid.shape[1] == 4 * 256 + 5 * 2
     assert (run / "config.yaml").is_file() and (run / "data_grid.png").is_file()
     assert "data: 16 training images" in result.stderr + result.stdout

@@ -360,13 +360,29 @@ def test_validation_grid_is_fixed_seed_png(tmp_path):
     assert path.is_file()
 
     image = Image.open(path)
-    # 2x2 grid of 64px images, 2px gaps, and below/above them the seeds and the caption
-    assert image.size[0] == 2 * 64 + 3 * 2 and image.size[1] > 2 * 64 + 3 * 2
+    # 2x2 grid of the 64px images enlarged to 256px (nearest, readable: issue 23), 2px gaps,
+    # and below/above them the seeds and the caption
+    assert image.size[0] == 2 * 256 + 3 * 2 and image.size[1] > 2 * 256 + 3 * 2
     assert image.text["caption"].startswith("a photo of")
     assert image.text["seed"] == "0"
     g1 = np.asarray(Image.open(sampling.validation_grids(trainer, module, 2)[0]).convert("RGB"))
     g2 = np.asarray(Image.open(sampling.validation_grids(trainer, module, 2)[0]).convert("RGB"))
     np.testing.assert_array_equal(g1, g2)
+
+
+def test_short_run_still_ends_with_one_validation_grid(tmp_path):
+    """Fewer steps (2) than every_n_train_steps (500, the config's default): one grid at the end,
+    of the final weights, at a readable size."""
+    from PIL import Image
+
+    module = _module(tmp_path, build_tiny_sd(seed=0))
+    sampling = _validation_callback(tmp_path, every=500, steps=2)
+    L.seed_everything(0)
+    _trainer(tmp_path, 2, callbacks=[sampling]).fit(module, datamodule=_data(tmp_path))
+    grids = sorted((tmp_path / "out" / "validation").glob("*.png"))
+    assert [p.name for p in grids] == ["step_0000002_p0000.png"]
+    with Image.open(grids[0]) as png:
+        assert png.text["step"] == "2" and min(png.size) >= 256
 
 
 def test_bad_options_are_refused(tmp_path):

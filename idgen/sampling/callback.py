@@ -64,7 +64,8 @@ class DecoupledGuidanceSampling(Callback):
         baseline_model: an exported Table-1 baseline (``settings.baseline_mode``).
         model_ids: which weights made the images, recorded in every PNG.
         every_n_train_steps, val_prompts, val_images_per_prompt, val_seed: validation grids
-            during ``fit`` (off when ``every_n_train_steps`` is None or no prompts are given).
+            during ``fit`` every ``every_n_train_steps`` steps and at its end (off when
+            ``every_n_train_steps`` is None or no prompts are given).
     """
 
     def __init__(
@@ -280,6 +281,19 @@ class DecoupledGuidanceSampling(Callback):
         step = trainer.global_step
         n = self.every_n_train_steps
         if not n or self.val_plan is None or step == self._last_val_step or step % n:
+            return
+        self._last_val_step = step
+        self.validation_grids(trainer, pl_module, step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A run shorter than ``every_n_train_steps`` (or ending between two grids) still ends
+        with one validation grid, of the final weights."""
+        step = trainer.global_step
+        if (
+            not self.every_n_train_steps
+            or self.val_plan is None
+            or step in (0, self._last_val_step)
+        ):
             return
         self._last_val_step = step
         self.validation_grids(trainer, pl_module, step)
