@@ -92,13 +92,13 @@ def test_other_family_is_one_line_before_loading(tmp_path, trained):
             ["sampler=controlnet", "sampler.controlnet=/x", "sampler.control_image=/x.png"],
             "sampler.controlnet='/x'",
         ),
-        ("3d", [], "score distillation"),
+        ("sample", ["baseline_model=/x"], "baseline_model='/x'"),
     ],
 )
 def test_what_sdxl_lacks_yet_is_one_line(tmp_path, config, overrides, named):
     from idgen import preflight
 
     cfg = compose_config(config, tmp_path, [*overrides, "model=tiny_sdxl"])
-    validate = {"train": preflight.validate_train, "sample": preflight.validate_sample}
+    validate = {"train": preflight.validate_train, "sample": preflight.validate_sample}[config]
     with pytest.raises(UserInputError, match=f"{named}.*not yet for sdxl"):
-        validate.get(config, preflight.validate_3d)(cfg)
+        validate(cfg)

@@ -39,6 +39,7 @@ from idgen.guidance import (
     is_active,
     multi_guidance,
 )
+from idgen.models.family import family_of
 from idgen.models.text import accepts_text, encode_text
 from idgen.sds.schedule import TimestepSchedule, Weighting, sds_weight
 
@@ -147,15 +148,19 @@ class MultiGuidanceSDS:
     """SDS loss whose noise prediction is the multi-guidance mix of ``idgen.guidance``.
 
     Args:
-        sd: a loaded SD-layout pipeline (``idgen.models.load_sd`` / ``build_tiny_sd``); its UNet,
-            VAE and text encoder are frozen (``requires_grad_(False)``), gradients still reach the
-            renders through the VAE encoder.
+        sd: a loaded SD1.5- or SDXL-family pipeline (``idgen.models.load_sd`` /
+            ``build_tiny_sd`` / ``build_tiny_sdxl``); its UNet, VAE and text encoder(s) are frozen
+            (``requires_grad_(False)``), gradients still reach the renders through the VAE
+            encoder. Its model family says how prompts are encoded, what the unconditional
+            branch is (SDXL: zeros for ``negative_prompt=""``, as diffusers) and which added
+            conditions the UNets get (SDXL: pooled text and the render size as ``time_ids``).
         prompt: the text of the control term.
         domain_model: a text-free model called as ``model(z_t, t)`` (``NullTextUNet``); optional.
         w_d, w_c: weights of the domain and control terms; ``None`` = the paper's automatic
             weight ``w0 / K |eps_sd| / |eps_i|``, computed at the first call (the batch mean) and
             held for the run; ``0`` drops the term.
-        negative_prompt: text of the unconditional prediction ``eps_sd(z_t, "")``.
+        negative_prompt: text of the unconditional prediction ``eps_sd(z_t, "")`` (``""``: the
+            family's unconditional branch).
         controlnet: optional ControlNet on the control term; give its condition per call
             (``control_images={"control": ...}``, e.g. the render's depth), pixels in ``[0, 1]``.
         extra_guidance: more ``GuidanceTerm``s (community checkpoints, a second domain model...).
@@ -173,7 +178,8 @@ class MultiGuidanceSDS:
 
     Attributes:
         terms: the ``GuidanceTerm`` list of :func:`sds_terms` (sampling's own term type).
-        embeds: each term's ``[1, L, D]`` text features by name (None: a text-free model).
+        embeds: each term's ``[1, L, D]`` text features by name (None: a text-free model);
+            pooled: their pooled embeddings (None unless the family has them).
         held: the automatic weights once computed (``state_dict`` saves them).
     """
 
@@ -197,8 +203,12 @@ class MultiGuidanceSDS:
         control_interval: Sequence[float] = (0.0, 1.0),
     ):
         self.sd = sd
+        self.family = family_of(sd)
+        if controlnet is not None:
+            self.family.require("controlnet", "controlnet", type(controlnet).__name__)
         self.unet, self.vae = sd.unet, sd.vae
-        for module in (sd.unet, sd.vae, sd.text_encoder, domain_model, controlnet):
+        frozen = [m for m in sd.components.values() if isinstance(m, torch.nn.Module)]
+        for module in (*frozen, domain_model, controlnet):
             if module is not None:
                 module.requires_grad_(False)
         self.device = sd.unet.device
@@ -222,14 +232,24 @@ class MultiGuidanceSDS:
         self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
         self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
         to_epsilon(torch.zeros(1), torch.zeros(1), torch.ones(1), self.prediction_type)
-        self.uncond_embeds = self.encode_text(negative_prompt)
+        # The render size as SDXL's time_ids (original = target = resolution, no crop; None for
+        # families without size conditioning)
+        size = torch.tensor([self.resolution, self.resolution])
+        self.time_ids = self.family.time_ids(size, torch.zeros(2), size)
+        self.uncond_embeds, self.uncond_pooled = self._encode(negative_prompt)
+        if negative_prompt == "":
+            self.uncond_embeds, self.uncond_pooled = self.family.uncond_embeds(
+                sd, self.uncond_embeds, self.uncond_pooled
+            )
         self.terms = sds_terms(
             domain_model, w_d, w_c, domain_interval, control_interval, extra_guidance
         )
         # Resolved once per term: its text features ([1, L, D]; None for a text-free model) and
         # its ControlNet. The SDS's own ``controlnet`` belongs to the control term, whose
         # condition (the render's depth...) comes with each call, as in sampling.
-        self.embeds = {t.name: self._term_embeds(t, prompt) for t in self.terms}
+        encoded = {t.name: self._term_embeds(t, prompt) for t in self.terms}
+        self.embeds = {name: e[0] for name, e in encoded.items()}
+        self.pooled = {name: e[1] for name, e in encoded.items()}
         self.controlnets = {t.name: t.controlnet for t in self.terms if t.controlnet is not None}
         if controlnet is not None and any(t.name == CONTROL for t in self.terms):
             self.controlnets[CONTROL] = controlnet
@@ -243,15 +263,30 @@ class MultiGuidanceSDS:
         """``[1, 77, D]`` features of ``text`` from the project's one prompt encoder (frozen)."""
         return encode_text(self.sd.tokenizer, text_encoder or self.sd.text_encoder, [text])
 
-    def _term_embeds(self, term: GuidanceTerm, prompt: str) -> torch.Tensor | None:
-        """A term's ``[1, L, D]`` text features: its ``prompt_embeds``, else its ``prompt`` (or the
-        SDS prompt) through its own or SD's text encoder; None for a text-free model."""
+    def _encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``text``'s features and pooled embedding as the base family encodes them."""
+        embeds, pooled = self.family.encode_prompt(self.sd, [text], self.device)
+        return embeds, pooled
+
+    def _term_embeds(self, term: GuidanceTerm, prompt: str) -> tuple[Any, Any]:
+        """A term's ``([1, L, D]`` text features, pooled``)``: its ``prompt_embeds``, else its
+        ``prompt`` (or the SDS prompt) through its own or SD's text encoder; ``(None, None)``
+        for a text-free model."""
         if term.model is not None and not accepts_text(term.model):
-            return None
-        if term.prompt_embeds is not None:
-            return term.prompt_embeds[:1].to(self.device)
+            return None, None
+        if term.prompt_embeds is not None or term.text_encoder is not None:
+            if self.family.addition_embed_type is not None:
+                raise ValueError(
+                    f"GuidanceTerm '{term.name}': prompt_embeds or a text encoder of its own "
+                    f"are not implemented on {self.family.name} bases (no pooled embedding); "
+                    "give the term a prompt."
+                )
+            if term.prompt_embeds is not None:
+                return term.prompt_embeds[:1].to(self.device), None
         text = term.prompt if term.prompt is not None else prompt
-        return self.encode_text(text, term.text_encoder)
+        if term.text_encoder is not None:
+            return self.encode_text(text, term.text_encoder), None
+        return self._encode(text)
 
     # ------------------------------------------------------------------------------ state
 
@@ -306,12 +341,16 @@ class MultiGuidanceSDS:
             image = F.interpolate(image, (self.resolution, self.resolution), mode="bilinear")
         return image.expand(batch, -1, -1, -1) if image.shape[0] == 1 else image
 
-    def _run(self, model, x, t, embeds=None, controlnet=None, control=None, scale=1.0):
+    def _run(self, model, x, t, embeds=None, controlnet=None, control=None, scale=1.0, pooled=None):
         x = x.to(model.dtype)
-        if embeds is None:
-            return model(x, t, return_dict=False)[0]
+        ids = None if self.time_ids is None else self.time_ids.to(x).expand(x.shape[0], -1)
+        if embeds is None:  # a text-free model; SDXL's domain UNet also takes the size ids
+            extra = {} if ids is None else {"time_ids": ids}
+            return model(x, t, return_dict=False, **extra)[0]
         embeds = embeds.to(model.dtype)
-        kwargs = {}
+        if pooled is not None:
+            pooled = pooled.to(model.dtype).expand(x.shape[0], -1)
+        kwargs = {"added_cond_kwargs": self.family.added_cond_kwargs(pooled, ids)}
         if controlnet is not None:
             down, mid = controlnet(
                 x,
@@ -321,7 +360,10 @@ class MultiGuidanceSDS:
                 conditioning_scale=scale,
                 return_dict=False,
             )
-            kwargs = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            kwargs |= {
+                "down_block_additional_residuals": down,
+                "mid_block_additional_residual": mid,
+            }
         return model(x, t, encoder_hidden_states=embeds, return_dict=False, **kwargs)[0]
 
     @torch.no_grad()
@@ -346,8 +388,12 @@ class MultiGuidanceSDS:
         batched = [x.name for x in self.terms if x.model is None and x.name not in self.controlnets]
         rows = [self.uncond_embeds] + [self.embeds[name] for name in batched]
         embeds = torch.cat([e.expand(b, -1, -1) for e in rows])
+        pooled = None
+        if self.uncond_pooled is not None:
+            pooled_rows = [self.uncond_pooled] + [self.pooled[name] for name in batched]
+            pooled = torch.cat([p.expand(b, -1) for p in pooled_rows])
         k = len(rows)
-        out = self._run(self.unet, torch.cat([z_t] * k), torch.cat([t] * k), embeds)
+        out = self._run(self.unet, torch.cat([z_t] * k), torch.cat([t] * k), embeds, pooled=pooled)
         chunks = [to_epsilon(e, z_t, alpha_bar, self.prediction_type) for e in out.chunk(k)]
         eps_0 = chunks[0]
         preds = dict(zip(batched, chunks[1:], strict=True))
@@ -360,7 +406,8 @@ class MultiGuidanceSDS:
             embeds = None if embeds is None else embeds.expand(b, -1, -1)
             controlnet = self.controlnets.get(x.name)
             scale = x.controlnet_conditioning_scale
-            eps = self._run(model, z_t, t, embeds, controlnet, control, scale)
+            pooled = self.pooled[x.name]
+            eps = self._run(model, z_t, t, embeds, controlnet, control, scale, pooled)
             preds[x.name] = to_epsilon(eps, z_t, alpha_bar, self.prediction_type)
         return eps_0, preds
 
