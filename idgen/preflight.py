@@ -77,6 +77,15 @@ def base_geometry(model: DictConfig | dict | None) -> dict[str, Any]:
             "name": "tiny",  # what the modules record for the tiny presets (base_model)
             "family": "sdxl",
         }
+    if target.endswith("build_tiny_sd3"):
+        # idgen.models.tiny_sd3's fixed geometry (factor-8 VAE, 8x8x16 latents, an MMDiT)
+        return {
+            "vae_factor": 8,
+            "in_channels": 16,
+            "sample_size": 8,
+            "name": "tiny",
+            "family": "sd3",
+        }
     if target.endswith("build_tiny_sd"):
         # idgen.models.tiny's fixed geometry (a factor-8 VAE, 8x8x4 latents)
         return {
@@ -102,6 +111,7 @@ def base_geometry(model: DictConfig | dict | None) -> dict[str, Any]:
     if vae and vae.get("block_out_channels"):
         geometry["vae_factor"] = 2 ** (len(vae["block_out_channels"]) - 1)
     unet = _read_json(Path(source) / "unet" / "config.json")
+    unet = unet or _read_json(Path(source) / "transformer" / "config.json")  # SD3: an MMDiT
     if unet:
         for key in ("in_channels", "sample_size", "cross_attention_dim"):
             if unet.get(key) is not None:
@@ -591,7 +601,8 @@ def check_domain_model(key: str, folder: Any, base: dict[str, Any]) -> dict[str,
     """
     path = check_dir(key, folder, "an exported domain model (idgen-train's domain_model/)", None)
     config = read_domain_export(key, folder, path)
-    unet = dict(config.get("unet_config") or {})
+    # the denoiser's config (SD3's null-text transformer keeps it as transformer_config)
+    unet = dict(config.get("unet_config") or config.get("transformer_config") or {})
     mismatches = base_mismatches(unet, path, base)
     if mismatches:
         raise ConfigError(
@@ -616,8 +627,10 @@ def read_domain_export(key: str, folder: Any, path: Path) -> dict[str, Any]:
             "Pass the domain_model/ folder idgen-train exports (or export a checkpoint with "
             "`python -m idgen.modules.export CKPT OUT_DIR`).",
         )
+    from idgen.models.domain_models import DOMAIN_MODEL_CLASSES
+
     cls = config.get("_class_name")
-    if cls != "NullTextUNet":
+    if cls not in DOMAIN_MODEL_CLASSES:
         raise ConfigError(
             key,
             str(folder),

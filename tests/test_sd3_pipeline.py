@@ -133,7 +133,7 @@ def test_auto_weights_balance_velocity_norms(sd, prompt_domain):
     def grab(pipe, i, t, kw):
         if i == 0:
             seen.update(
-                v0=kw["v_uncond"].clone(),
+                v0=kw["eps_uncond"].clone(),
                 preds={k: v.clone() for k, v in kw["guidance_preds"].items()},
             )
         return {}
@@ -145,7 +145,7 @@ def test_auto_weights_balance_velocity_norms(sd, prompt_domain):
         output_type="np",
         w0=6.0,
         callback_on_step_end=grab,
-        callback_on_step_end_tensor_inputs=["v_uncond", "guidance_preds"],
+        callback_on_step_end_tensor_inputs=["eps_uncond", "guidance_preds"],
     )
     norm = lambda v: v.float().flatten(1).norm(dim=1)  # noqa: E731
     for name in ("domain", "control"):

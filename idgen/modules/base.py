@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from idgen.data.latents import latents_from_batch as data_latents
 from idgen.modules.diffusion_loss import denoising_loss
+from idgen.modules.flow_matching import flow_matching_loss, flow_sigmas
 from idgen.utils.dtypes import parse_dtype
 from idgen.utils.validation import NonFiniteLossError
 
@@ -159,6 +160,10 @@ class DiffusionTrainingModule(L.LightningModule):
         self.scheduler_config = dict(pipe.scheduler.config)
         noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
         self.prediction_type = noise_scheduler.config.prediction_type
+        # Families trained by flow matching (SD3) draw sigmas from their scheduler's table.
+        family = getattr(self, "family", None)
+        flow = family is not None and family.training_objective == "flow_matching"
+        self.flow_sigmas = flow_sigmas(self.scheduler_config) if flow else None
         self.register_buffer(
             "alphas_cumprod", noise_scheduler.alphas_cumprod.float().clone(), persistent=False
         )
@@ -189,6 +194,14 @@ class DiffusionTrainingModule(L.LightningModule):
         self, predict, latents: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """The denoising loss of ``predict`` on ``latents`` (noise from ``noise_generator``)."""
+        if getattr(self, "flow_sigmas", None) is not None:  # SD3: flow matching (velocity)
+            return flow_matching_loss(
+                predict,
+                latents,
+                self.flow_sigmas,
+                generator=generator or self.noise_generator,
+                noise_offset=self.noise_offset,
+            )
         return denoising_loss(
             predict,
             latents,

@@ -110,8 +110,8 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
         # 2. The null-text UNet, copied from the SD UNet (which is dropped afterwards).
         calibration = self._calibration_latents() if self.init == "calibrated" else None
         generator = torch.Generator().manual_seed(self.seed)
-        self.domain_unet = NullTextUNet.from_unet(
-            pipe.unet,
+        self.domain_unet = self.family.null_text_model(
+            self.family.denoiser(pipe),
             features,
             init=self.init,
             calibration_latents=calibration,
@@ -188,10 +188,10 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
     # --- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["null_text_unet_config"] = {
-            "unet_config": dict(self.domain_unet.config.unet_config),
-            "init": self.domain_unet.config.init,
-        }
+        # the domain model's constructor arguments (NullTextUNet: unet_config, init; the SD3
+        # null-text transformer: transformer_config, context_length, init)
+        model = self.domain_unet
+        checkpoint["null_text_unet_config"] = model.extract_init_dict(dict(model.config))[0]
         checkpoint["text_features"] = self.text_features
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -68,7 +68,7 @@ class TextFeatureInversionModule(DiffusionTrainingModule):
         pipe = self.model_loader()
         self.family = family_of(pipe)
         self.vae = freeze(pipe.vae.to(self.frozen_dtype))
-        self.unet = freeze(pipe.unet.to(self.frozen_dtype))
+        self.unet = freeze(self.family.denoiser(pipe).to(self.frozen_dtype))  # SD3: transformer
         self._setup_noise(pipe)
         self._attach_vae_to_data()
         # 1. The prompt's output features (and pooled embedding), encoded once by the frozen
@@ -99,12 +99,11 @@ class TextFeatureInversionModule(DiffusionTrainingModule):
             if self.pooled_features is not None:
                 pooled = self.pooled_features.to(dtype).expand(rows, -1)
             ids = None if time_ids is None else time_ids.to(noisy.device, dtype)
-            return self.unet(
-                noisy.to(dtype),
-                t,
-                encoder_hidden_states=context.expand(rows, -1, -1),
-                added_cond_kwargs=self.family.added_cond_kwargs(pooled, ids),
-            ).sample
+            # the family's call convention (UNet: encoder_hidden_states + added conditions;
+            # SD3's transformer: joint tokens + pooled projection)
+            return self.family.predict(
+                self.unet, noisy.to(dtype), t, context.expand(rows, -1, -1), pooled, ids
+            )
 
         return predict
 

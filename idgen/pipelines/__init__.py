@@ -13,7 +13,11 @@ from idgen.pipelines.in_domain_sd3 import InDomainSD3Pipeline
 from idgen.pipelines.in_domain_xl import InDomainXLPipeline
 
 #: the decoupled sampler of each model family (``idgen.models.FAMILIES``' names)
-DECOUPLED_PIPELINES: dict[str, type] = {"sd15": InDomainPipeline, "sdxl": InDomainXLPipeline}
+DECOUPLED_PIPELINES: dict[str, type] = {
+    "sd15": InDomainPipeline,
+    "sdxl": InDomainXLPipeline,
+    "sd3": InDomainSD3Pipeline,
+}
 
 
 def decoupled_pipeline_class(family: Any) -> type:

@@ -73,13 +73,16 @@ class InDomainSD3Pipeline(DiffusersCallMixin, StableDiffusion3Pipeline):
         *StableDiffusion3Pipeline._optional_components,
         "domain_transformer",
     ]
+    # InDomainPipeline's names (one contract for callbacks such as the sampling trace):
+    # ``eps_uncond`` is the unconditional prediction, here the velocity v_sd(z, "").
     _callback_tensor_inputs = [
         "latents",
         "prompt_embeds",
         "pooled_prompt_embeds",
         "noise_pred",
-        "v_uncond",
+        "eps_uncond",
         "guidance_preds",
+        "guidance_weights",
     ]
 
     def __init__(
@@ -112,6 +115,36 @@ class InDomainSD3Pipeline(DiffusersCallMixin, StableDiffusion3Pipeline):
             feature_extractor=feature_extractor,
         )
         self.register_modules(domain_transformer=domain_transformer)
+
+    @classmethod
+    def from_sd(
+        cls,
+        sd: StableDiffusion3Pipeline,
+        domain_unet: Any = None,
+        controlnet: Any = None,
+        scheduler: str | Any = "dpm++",
+    ) -> "InDomainSD3Pipeline":
+        """Wrap a loaded SD3 pipeline (``InDomainPipeline.from_sd``'s arguments).
+
+        ``scheduler``: a scheduler object, or a name; SD3 samples its flow with its own
+        ``FlowMatchEulerDiscreteScheduler``, which ``"dpm++"`` (the SD1.5 paper's default) and
+        ``"FlowMatchEulerDiscreteScheduler"`` keep. ControlNet is not implemented for SD3.
+        """
+        if controlnet is not None:
+            raise ValueError(
+                "ControlNet guidance is not implemented for SD3 bases (diffusers' SD3 ControlNet "
+                "is a different model); drop the controlnet for model=sd3."
+            )
+        if isinstance(scheduler, str):
+            if scheduler not in ("dpm++", "dpmsolver++", type(sd.scheduler).__name__):
+                raise ValueError(
+                    f"scheduler={scheduler!r}: SD3 samples with its flow-matching scheduler "
+                    f"({type(sd.scheduler).__name__}); use that name or 'dpm++' (kept as it)."
+                )
+            scheduler = type(sd.scheduler).from_config(sd.scheduler.config)
+        pipe = cls.from_pipe(sd, scheduler=scheduler, domain_transformer=domain_unet)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
 
     @property
     def domain_unet(self) -> Any:
@@ -238,6 +271,9 @@ class InDomainSD3Pipeline(DiffusersCallMixin, StableDiffusion3Pipeline):
         | MultiPipelineCallbacks
         | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        control_image: Any = None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        controlnet_on_uncond: bool = False,
     ) -> InDomainPipelineOutput | tuple:
         """Sample with ``v_sd(z,"") + sum_i w_i (v_i - v_sd(z,""))`` over the active terms.
 
@@ -249,8 +285,12 @@ class InDomainSD3Pipeline(DiffusersCallMixin, StableDiffusion3Pipeline):
         ``joint_attention_kwargs``); ``image`` + ``strength`` is
         ``StableDiffusion3Img2ImgPipeline``'s img2img. A step-end callback may change
         ``latents`` and the weights (``pipeline._guidance_scale``, or return
-        ``guidance_weights``), or set ``pipeline._interrupt``.
+        ``guidance_weights``), or set ``pipeline._interrupt``. ``control_image`` (ControlNet) is
+        not implemented for SD3: given, it raises; the ControlNet scale arguments are accepted
+        for the one settings-to-call mapping of idgen-sample and otherwise unused.
         """
+        if control_image is not None:
+            raise ValueError("control_image: ControlNet guidance is not implemented for SD3.")
         if isinstance(callback_on_step_end, PipelineCallback | MultiPipelineCallbacks):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         names = callback_on_step_end_tensor_inputs or ["latents"]
@@ -399,8 +439,11 @@ class InDomainSD3Pipeline(DiffusersCallMixin, StableDiffusion3Pipeline):
                         "prompt_embeds": call_text.embeds,
                         "pooled_prompt_embeds": call_text.pooled,
                         "noise_pred": noise_pred,
-                        "v_uncond": v_uncond,
+                        "eps_uncond": v_uncond,
                         "guidance_preds": preds,
+                        "guidance_weights": {
+                            g.name: guider.weights[g.name] for g in guider.active(i)
+                        },
                     }
                     outputs = callback_on_step_end(self, i, t, {k: available[k] for k in names})
                     outputs = dict(outputs or {})

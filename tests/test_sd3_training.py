@@ -1,0 +1,220 @@
+"""SD3 stages 1 and 2 by flow matching: the loss is the straight-path velocity loss with SD3's
+logit-normal sigmas (shift applied); stage 1 inverts SD3's joint tokens and pooled vector through
+the transformer; stage 2 trains the null-text transformer; model=tiny_sd3 runs through
+idgen-train and idgen-sample, and an SD3 domain model with another family's base is one line."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers.training_utils import compute_density_for_timestep_sampling
+from PIL import Image
+
+from idgen.data import DomainImageDataModule
+from idgen.models import FAMILIES, NullTextSD3Transformer, build_tiny_sd3
+from idgen.models.domain_models import load_domain_model
+from idgen.modules import NullTextFinetuneModule, TextFeatureInversionModule
+from idgen.modules.diffusion_loss import sample_noise
+from idgen.modules.flow_matching import flow_matching_loss, flow_sigmas
+from idgen.modules.sd_parts import load_pooled_features, load_text_features
+from idgen.sample import sample
+from idgen.train import train
+from idgen.utils.validation import UserInputError
+from tests.conftest import compose_config, job_config, quiet_trainer
+
+SD3 = FAMILIES["sd3"]
+
+
+# --- the loss -------------------------------------------------------------------------------
+
+
+def test_flow_matching_loss_is_the_velocity_loss_on_the_straight_path():
+    """z_s = (1 - s) z_0 + s eps at timestep 1000 s, target eps - z_0; noise and sigmas are
+    the generator's next draws (noise first, then SD3's logit-normal u)."""
+    sigmas = flow_sigmas(dict(num_train_timesteps=1000, shift=3.0))
+    latents = torch.randn(6, 16, 4, 4, generator=torch.Generator().manual_seed(1))
+    seen = {}
+
+    def predict(noisy, t):
+        seen.update(noisy=noisy, t=t)
+        return torch.full_like(noisy, 0.25)
+
+    loss = flow_matching_loss(predict, latents, sigmas, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    noise = sample_noise(latents, g)
+    u = compute_density_for_timestep_sampling("logit_normal", 6, 0.0, 1.0, generator=g)
+    s = sigmas[(u * 1000).long()]
+    assert torch.allclose(seen["t"], 1000 * s)
+    s4 = s.view(-1, 1, 1, 1)
+    assert torch.allclose(seen["noisy"], (1 - s4) * latents + s4 * noise, atol=1e-6)
+    assert torch.allclose(loss, ((0.25 - (noise - latents)) ** 2).mean(), atol=1e-6)
+
+
+def test_sd3_sigmas_are_logit_normal_through_the_shift():
+    """Median sigma of logit-normal(0, 1) u is shift(0.5) = 3 * 0.5 / (1 + 2 * 0.5) = 0.75 with
+    SD3's shift 3, and 0.5 without shift; 'uniform' spreads sigmas evenly instead."""
+    seen = []
+
+    def predict(noisy, t):
+        seen.append(t / 1000)
+        return torch.zeros_like(noisy)
+
+    latents = torch.zeros(20000, 1, 1, 1)
+    for shift, median in ((3.0, 0.75), (1.0, 0.5)):
+        sigmas = flow_sigmas(dict(num_train_timesteps=1000, shift=shift))
+        flow_matching_loss(predict, latents, sigmas, torch.Generator().manual_seed(0))
+        assert abs(float(seen[-1].median()) - median) < 0.02
+    flow_matching_loss(
+        predict,
+        latents,
+        flow_sigmas(dict(num_train_timesteps=1000, shift=1.0)),
+        torch.Generator().manual_seed(0),
+        weighting_scheme="uniform",
+    )
+    # uniform: a quarter of the sigmas below 0.25; logit-normal(0, 1): far fewer (~13%)
+    assert abs(float((seen[-1] < 0.25).float().mean()) - 0.25) < 0.02
+    assert float((seen[-2] < 0.25).float().mean()) < 0.16
+
+
+# --- stages 1 and 2 on the tiny SD3 ---------------------------------------------------------
+
+
+@pytest.fixture
+def images(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    return DomainImageDataModule(str(root), resolution=64, batch_size=2)
+
+
+def test_stage1_and_stage2_on_sd3(tmp_path, images):
+    pipe = build_tiny_sd3(seed=0)
+    seen = []
+    pipe.transformer.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(dict(kw)), with_kwargs=True
+    )
+    module = TextFeatureInversionModule(
+        model_loader=lambda: pipe,
+        optimizer=functools.partial(torch.optim.AdamW, lr=5e-2, weight_decay=0.0),
+        domain="cat",
+        output_dir=str(tmp_path / "out"),
+    )
+    quiet_trainer(tmp_path, max_steps=2).fit(module, datamodule=images)
+
+    # stage 1: SD3's joint tokens (77 CLIP + 256 T5 slots) and pooled vector, from the prompt
+    embeds, pooled = SD3.encode_prompt(build_tiny_sd3(seed=0), ["a photo of cat"])
+    assert torch.equal(module.initial_features, embeds)
+    assert module.text_features.shape == (1, 333, 64) and module.pooled_features.shape == (1, 64)
+    assert not torch.equal(module.pooled_features.detach(), pooled)  # trained
+    # the transformer got the features as its context, the pooled ones as pooled_projections,
+    # and flow-matching timesteps (1000 * sigma, not integer DDPM steps)
+    assert len(seen) == 2
+    for call in seen:
+        assert call["encoder_hidden_states"].shape == (2, 333, 64)
+        assert call["pooled_projections"].shape == (2, 64)
+        t = call["timestep"]
+        assert t.dtype == torch.float32 and bool(((t > 0) & (t <= 1000)).all())
+    assert torch.any(seen[0]["timestep"] != seen[0]["timestep"].round())
+    features = tmp_path / "out" / "text_features.safetensors"
+    assert torch.equal(load_text_features(features), module.text_features.detach().float())
+    assert load_pooled_features(features).shape == (1, 64)
+
+    # stage 2: the null-text transformer starts from that file, trains, exports, reloads
+    stage2 = NullTextFinetuneModule(
+        model_loader=lambda: build_tiny_sd3(seed=0),
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+        text_features=str(features),
+        output_dir=str(tmp_path / "out2"),
+    )
+    stage2.setup("fit")
+    domain = stage2.domain_unet
+    assert isinstance(domain, NullTextSD3Transformer)
+    assert torch.equal(domain.context_tokens, load_text_features(features)[0])
+    start = domain.context_tokens.detach().clone()
+    quiet_trainer(tmp_path, max_steps=2).fit(stage2, datamodule=images)
+    assert not torch.equal(domain.context_tokens.detach(), start)  # learned
+    back = load_domain_model(tmp_path / "out2" / "domain_model")
+    x = torch.randn(1, 16, 8, 8)
+    assert torch.equal(back(x, 400.0).sample, domain.eval()(x, 400.0).sample)
+
+
+# --- the CLIs ------------------------------------------------------------------------------
+
+FAST = [
+    "experiment=demo",
+    "model=tiny_sd3",
+    "data.num_images=8",
+    "data.batch_size=4",
+    "inversion_steps=2",
+    "trainer.max_steps=2",
+    "callbacks.model_checkpoint.every_n_train_steps=2",
+    "callbacks.decoupled_sampling.every_n_train_steps=2",
+    "callbacks.decoupled_sampling.settings.num_inference_steps=2",
+    "callbacks.progress_bar.refresh_rate=0",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("sd3_train")
+    train(job_config("train", tmp, FAST))
+    return tmp / "run"
+
+
+def test_train_tiny_sd3_runs_both_stages(trained):
+    assert load_pooled_features(trained / "inversion" / "text_features.safetensors").shape == (
+        1,
+        64,
+    )
+    assert isinstance(load_domain_model(trained / "domain_model"), NullTextSD3Transformer)
+    assert (trained / "base_grid.png").is_file()
+    assert sorted((trained / "validation").glob("step_0000002_*.png"))
+    assert sorted((trained / "checkpoints").glob("*.ckpt"))
+
+
+def test_sample_tiny_sd3_with_the_domain_model(tmp_path, trained):
+    cfg = compose_config(
+        "sample",
+        tmp_path,
+        [
+            "model=tiny_sd3",
+            f"domain_model={trained / 'domain_model'}",
+            "prompts=[a photo of a cat]",
+            "images_per_prompt=2",
+            "batch_size=2",
+            "sampler.num_inference_steps=2",
+        ],
+    )
+    summary = sample(cfg)
+    images = sorted((Path(cfg.paths.output_dir) / "samples").glob("*.png"))
+    assert summary["num_images"] == 2 and len(images) == 2
+    with Image.open(images[0]) as im:
+        assert im.size == (64, 64)
+
+
+@pytest.mark.parametrize("base", ["tiny", "tiny_sdxl"])
+def test_sd3_domain_model_with_another_family_is_one_line(tmp_path, trained, base):
+    cfg = compose_config(
+        "sample", tmp_path, [f"model={base}", f"domain_model={trained / 'domain_model'}"]
+    )
+    with pytest.raises(UserInputError, match="model family sd3 \\(base model: sd(15|xl)\\)"):
+        sample(cfg)
+
+
+def test_flux_folder_as_base_is_one_line(tmp_path):
+    folder = tmp_path / "flux"
+    build_tiny_sd3().save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(index | {"_class_name": "FluxPipeline"}))
+    cfg = compose_config("sample", tmp_path, ["model=sd3", f"model.pretrained={folder}"])
+    with pytest.raises(UserInputError, match="guidance-distilled"):
+        sample(cfg)
+    shutil.rmtree(folder)
