@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from idgen import CONFIG_DIR
+from idgen import cli
 from idgen.metrics.clip import Attribute
 from idgen.metrics.evaluation import evaluate_folder
 from idgen.metrics.results import write_metrics
@@ -25,7 +24,6 @@ from idgen.metrics.sample_hook import sample_first, sample_overrides  # noqa: F4
 from idgen.preflight import validate_eval
 from idgen.utils.io import atomic_write_text
 from idgen.utils.log_media import finish_loggers, instantiate_loggers
-from idgen.utils.task import console_main, task_wrapper
 
 log = logging.getLogger(__name__)
 
@@ -146,14 +144,8 @@ def evaluate(cfg: DictConfig) -> dict:
     return results
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval.yaml")
-@task_wrapper
-def hydra_main(cfg: DictConfig) -> dict:
-    """``idgen-eval``: ``logger=null`` (any ``group=null``) is accepted as "no group"."""
-    return evaluate(cfg)
-
-
-main = console_main(hydra_main, CONFIG_DIR)
+# The console script (idgen.cli: nothing heavy is imported before the task and its checks run)
+main = cli.evaluate
 
 
 if __name__ == "__main__":

@@ -20,11 +20,6 @@ from typing import Any, get_args
 
 from omegaconf import DictConfig, OmegaConf
 
-from idgen.data.images import DEFAULT_EXTENSIONS
-from idgen.models.family import check_folder_family, family_named, family_of
-from idgen.models.loading import missing_parts
-from idgen.pipelines.in_domain import WeightMode
-from idgen.sampling.settings import BASELINE_MODES
 from idgen.utils.validation import (
     ConfigError,
     check_choice,
@@ -136,6 +131,9 @@ def check_base_model(cfg: DictConfig, key: str = "model") -> dict[str, Any]:
         return geometry
     if pretrained and _looks_local(os.path.expanduser(str(pretrained))):
         # A folder of another family (model_index.json) is named before anything else.
+        from idgen.models.family import check_folder_family, family_named
+        from idgen.models.loading import missing_parts
+
         family = family_named(str(model.get("family") or "sd15"))
         check_folder_family(os.path.expanduser(str(pretrained)), family)
         missing = missing_parts(os.path.expanduser(str(pretrained)), family.components)
@@ -154,13 +152,15 @@ def check_base_model(cfg: DictConfig, key: str = "model") -> dict[str, Any]:
 
 def check_family_features(cfg: DictConfig, family_name: str) -> None:
     """What the config asks of the base beyond training and decoupled sampling (Table-1
-    baselines, ControlNet, idgen-3d's score distillation) is implemented for its family."""
-    from idgen.models.family import family_named
+    baselines, ControlNet, idgen-3d's score distillation) is implemented for its family.
 
-    family = family_named(family_name)
+    The families (diffusers classes) are imported only when the config asks for one of these,
+    so the other checks' errors come without a diffusers import.
+    """
+    wanted = []  # (feature, key, value) the family must implement
     module = str(get(cfg, "module._target_") or "")
     if module.endswith("BaselineModule"):
-        family.require("baselines", "module", module.rsplit(".", 1)[-1])
+        wanted.append(("baselines", "module", module.rsplit(".", 1)[-1]))
     for key, feature in (
         ("baseline_model", "baselines"),
         ("sampler.controlnet", "controlnet"),
@@ -168,9 +168,15 @@ def check_family_features(cfg: DictConfig, family_name: str) -> None:
     ):
         value = get(cfg, key)
         if value:
-            family.require(feature, key, value)
+            wanted.append((feature, key, value))
     if cfg.get("sds") is not None:
-        family.require("sds", "model", family.name)
+        wanted.append(("sds", "model", family_name))
+    if wanted:
+        from idgen.models.family import family_named
+
+        family = family_named(family_name)
+        for feature, key, value in wanted:
+            family.require(feature, key, value)
 
 
 def check_resolution(
@@ -236,6 +242,8 @@ def check_data_root(cfg: DictConfig) -> None:
                 "data.root", str(root), "is a file, not a folder", "Pass a folder (or leave it)."
             )
     elif target:
+        from idgen.data.images import DEFAULT_EXTENSIONS
+
         extensions = get(cfg, "data.extensions") or DEFAULT_EXTENSIONS
         check_dir("data.root", root, "the domain's images", extensions=extensions)
 
@@ -518,6 +526,8 @@ def check_samples_dir(cfg: DictConfig) -> None:
             "Pass samples_dir=<folder of generated images> (or configure sample=... to "
             "sample first).",
         )
+    from idgen.data.images import DEFAULT_EXTENSIONS
+
     check_dir(
         "samples_dir",
         samples,
@@ -540,6 +550,8 @@ def check_reference_dir(cfg: DictConfig) -> None:
                 "is required by FID/KID (metrics.fid is set)",
                 "Pass reference_dir=<folder of domain images>.",
             )
+        from idgen.data.images import DEFAULT_EXTENSIONS
+
         check_dir("reference_dir", reference, "domain images", extensions=DEFAULT_EXTENSIONS)
 
 
@@ -556,7 +568,6 @@ def validate_eval(cfg: DictConfig) -> None:
 
 # ------------------------------------------------------------------------------ idgen-sample
 
-WEIGHT_MODES = get_args(WeightMode)
 DOMAIN_CONFIG = "config.json"
 
 
@@ -659,6 +670,8 @@ def base_mismatches(unet: dict[str, Any], path: Path, base: dict[str, Any]) -> l
         if ours is not None and theirs is not None and ours != theirs:
             mismatches.append(f"{name} {ours} (base model: {theirs})")
     theirs = base.get("family")
+    from idgen.models.family import family_of
+
     ours = family_of(unet).name if unet else None
     if ours and theirs and ours != theirs:
         mismatches.append(f"model family {ours} (base model: {theirs})")
@@ -729,8 +742,12 @@ def validate_sample(cfg: DictConfig) -> None:
     if "strength" in sampler:
         check_float(cfg, "sampler.strength", minimum=0.0, maximum=1.0)
     if "weights" in sampler:
-        check_choice(cfg, "sampler.weights", WEIGHT_MODES)
+        from idgen.pipelines.in_domain import WeightMode  # (imported here: --help stays fast)
+
+        check_choice(cfg, "sampler.weights", get_args(WeightMode))
     if "baseline_mode" in sampler:
+        from idgen.sampling.settings import BASELINE_MODES
+
         check_choice(cfg, "sampler.baseline_mode", BASELINE_MODES)
     check_int(cfg, "sampler.num_inference_steps")
     check_scheduler("sampler.scheduler", get(cfg, "sampler.scheduler", "dpm++"))

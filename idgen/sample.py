@@ -14,13 +14,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from idgen import CONFIG_DIR
+from idgen import cli
 from idgen.preflight import validate_sample
 from idgen.sampling import (
     DecoupledGuidanceSampling,
@@ -31,7 +30,6 @@ from idgen.sampling import (
 )
 from idgen.utils.io import atomic_write_text
 from idgen.utils.log_media import finish_loggers, instantiate_loggers
-from idgen.utils.task import console_main, task_wrapper
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +97,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     return {"num_images": done, "total": len(data.plan), "images_dir": str(writer.images_dir)}
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample.yaml")
-@task_wrapper
-def hydra_main(cfg: DictConfig) -> dict[str, Any]:
-    """``idgen-sample``: ``logger=null`` (any ``group=null``) is accepted as "no group"."""
-    return sample(cfg)
-
-
-main = console_main(hydra_main, CONFIG_DIR)
+# The console script (idgen.cli: nothing heavy is imported before the task and its checks run)
+main = cli.sample
 
 
 if __name__ == "__main__":

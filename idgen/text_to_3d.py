@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 import torch
 from hydra.utils import instantiate
@@ -30,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
-from idgen import CONFIG_DIR
+from idgen import cli
 from idgen.preflight import validate_3d
 from idgen.scene import (
     CameraSampler,
@@ -46,7 +45,6 @@ from idgen.sds import MultiGuidanceSDS
 from idgen.utils.dtypes import parse_optional_dtype
 from idgen.utils.images import make_grid
 from idgen.utils.io import atomic_torch_save, atomic_write_text, save_image_atomic
-from idgen.utils.task import console_main, task_wrapper
 
 log = logging.getLogger(__name__)
 
@@ -356,14 +354,8 @@ def text_to_3d(cfg: DictConfig) -> dict[str, Any]:
     return write_outputs(run, state, cfg, out)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="3d.yaml")
-@task_wrapper
-def hydra_main(cfg: DictConfig) -> dict[str, Any]:
-    """``idgen-3d``: any ``group=null`` is accepted as "no group"."""
-    return text_to_3d(cfg)
-
-
-main = console_main(hydra_main, CONFIG_DIR)
+# The console script (idgen.cli: nothing heavy is imported before the task and its checks run)
+main = cli.text_to_3d
 
 
 if __name__ == "__main__":

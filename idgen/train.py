@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -13,7 +12,7 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from idgen import CONFIG_DIR
+from idgen import cli
 from idgen.callbacks.ema import EMAWeights
 from idgen.data.transforms import to_pil
 from idgen.modules.checkpoint_io import (
@@ -27,7 +26,6 @@ from idgen.preview import write_base_grid
 from idgen.utils.images import make_grid
 from idgen.utils.io import atomic_write_text, save_image_atomic
 from idgen.utils.log_media import finish_loggers, instantiate_loggers
-from idgen.utils.task import console_main, task_wrapper
 from idgen.utils.validation import ConfigError, remove_stale_temp_files
 
 log = logging.getLogger(__name__)
@@ -328,14 +326,8 @@ def run_finetune(
     return _metrics(trainer)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train.yaml")
-@task_wrapper
-def hydra_main(cfg: DictConfig) -> dict[str, float]:
-    """``idgen-train``: ``logger=null`` (any ``group=null``) is accepted as "no group"."""
-    return train(cfg)
-
-
-main = console_main(hydra_main, CONFIG_DIR)
+# The console script (idgen.cli: nothing heavy is imported before the task and its checks run)
+main = cli.train
 
 
 if __name__ == "__main__":

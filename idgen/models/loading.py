@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,26 @@ def own_weights(*modules: torch.nn.Module) -> None:
                 tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
 
 
+@contextlib.contextmanager
+def _no_loading_bar(off: bool):
+    """diffusers' "Loading pipeline components..." and transformers' "Loading weights" bars off
+    while ``off`` (a local folder loads in seconds; the bars said nothing a user could act on).
+    The global settings are restored."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = [diffusers_logging, transformers_logging]
+    was_on = [lib.is_progress_bar_enabled() for lib in libraries]
+    for lib in libraries if off else ():
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, on in zip(libraries, was_on, strict=True):
+            if on:
+                lib.enable_progress_bar()
+
+
 def load_sd(
     pretrained: str | os.PathLike,
     torch_dtype: torch.dtype | str | None = None,
@@ -154,13 +175,14 @@ def load_sd(
     elif local_files_only is None:
         local_files_only = _offline()
     try:
-        pipe = spec.txt2img.from_pretrained(
-            source,
-            torch_dtype=torch_dtype,
-            variant=variant,
-            **spec.load_kwargs_for(source),
-            local_files_only=local_files_only,
-        )
+        with _no_loading_bar(is_local):
+            pipe = spec.txt2img.from_pretrained(
+                source,
+                torch_dtype=torch_dtype,
+                variant=variant,
+                **spec.load_kwargs_for(source),
+                local_files_only=local_files_only,
+            )
     except (OSError, ValueError) as err:
         where = "the local cache (offline)" if local_files_only else "the hub"
         raise SDLoadError(

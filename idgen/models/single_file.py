@@ -15,9 +15,10 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where weights are read: the config checks need only headers
+    import torch
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -289,6 +290,8 @@ def load_single_file(
             f"model.pretrained='{file}' could not be read with the diffusers config '{config}' "
             f"({first}); pass model.config=<a local diffusers SD1.5 folder> of the same geometry."
         ) from err
+    import torch
+
     own_weights(*(m for m in pipe.components.values() if isinstance(m, torch.nn.Module)))
     pipe.set_progress_bar_config(disable=True)
     return pipe

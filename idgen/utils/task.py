@@ -1,12 +1,9 @@
 """The one shape of idgen's entry points (lightning-hydra-template's ``task_wrapper``).
 
-Each CLI is ``task(cfg) -> dict of metrics`` under ``@hydra.main`` and :func:`task_wrapper`::
-
-    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train.yaml")
-    @task_wrapper
-    def hydra_main(cfg): return train(cfg)
-
-and ``main()`` (the console script) accepts ``group=null`` before Hydra parses the command line.
+Each CLI is ``task(cfg) -> dict of metrics`` under ``@hydra.main`` and :func:`task_wrapper`
+(built in ``idgen.cli``, which imports the task's module only when it runs), and ``main()``
+(the console script, :func:`console_main`) accepts ``group=null`` before Hydra parses the
+command line and closes Hydra's log handlers at the end.
 """
 
 from __future__ import annotations
@@ -111,13 +108,15 @@ def configure_threads(cfg: DictConfig) -> ThreadPlan:
 
 
 def close_log_handlers() -> None:
-    """Flush and close the root logger's handlers (Hydra's console and file handlers).
+    """Flush, close and remove the root handlers Hydra's ``job_logging`` installed (console and
+    file; ``logging.config`` names them, handlers of others such as pytest's have no name).
 
-    Without it a handler outlives its stream: a library logging from an ``atexit`` hook then
-    prints "--- Logging error --- ... I/O operation on closed file" after the run.
+    Without it a handler outlives its stream: whatever logs after the run (an ``atexit`` hook,
+    a caller that closed the stream it gave as stdout) prints "--- Logging error --- ... I/O
+    operation on closed file".
     """
     root = logging.getLogger()
-    for handler in list(root.handlers):
+    for handler in [h for h in root.handlers if h.get_name()]:
         handler.flush()
         handler.close()
         root.removeHandler(handler)
