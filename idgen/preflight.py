@@ -80,6 +80,7 @@ def base_geometry(model: DictConfig | dict | None) -> dict[str, Any]:
             "sample_size": 8,
             "name": "tiny",
             "family": "sd3",
+            "text_encoder_3": bool(model.get("t5")),
         }
     if target.endswith("build_tiny_sd"):
         # idgen.models.tiny's fixed geometry (a factor-8 VAE, 8x8x4 latents)
@@ -107,6 +108,9 @@ def base_geometry(model: DictConfig | dict | None) -> dict[str, Any]:
         geometry["vae_factor"] = 2 ** (len(vae["block_out_channels"]) - 1)
     unet = _read_json(Path(source) / "unet" / "config.json")
     unet = unet or _read_json(Path(source) / "transformer" / "config.json")  # SD3: an MMDiT
+    index = _read_json(Path(source) / "model_index.json") or {}
+    if geometry["family"] == "sd3" and index:  # SD3's T5 is optional: is it in the folder?
+        geometry["text_encoder_3"] = bool((index.get("text_encoder_3") or [None])[0])
     if unet:
         for key in ("in_channels", "sample_size", "cross_attention_dim"):
             if unet.get(key) is not None:
@@ -676,6 +680,8 @@ def base_mismatches(unet: dict[str, Any], path: Path, base: dict[str, Any]) -> l
     if ours and theirs and ours != theirs:
         mismatches.append(f"model family {ours} (base model: {theirs})")
     meta = _read_json(path / "idgen_domain.json") or {}
+    if meta.get("text_encoder_3") and base.get("text_encoder_3") is False:
+        mismatches.append("trained on an SD3 base with T5 (text_encoder_3), the base has no T5")
     recorded = meta.get("base_model")
     configured = base.get("name")
     if recorded and configured and recorded not in ("unknown",) and recorded != configured:

@@ -162,3 +162,15 @@ def test_null_text_transformer_refuses_wrong_shapes(tiny3, features):
         NullTextSD3Transformer.from_transformer(tiny3.transformer, embeds, pooled[:, :5])
     with pytest.raises(ValueError, match="pooled F"):
         FAMILIES["sd3"].null_text_model(tiny3.transformer, embeds, None)
+
+
+def test_tiny_sd3_with_t5_round_trip(tmp_path):
+    """With the optional tiny T5 (an offline T5 tokenizer): the T5 tokens are no longer zeros,
+    the folder keeps text_encoder_3, and load_sd loads it with T5 (same images)."""
+    with_t5 = build_tiny_sd3(seed=0, t5=True)
+    embeds, _ = FAMILIES["sd3"].encode_prompt(with_t5, ["a photo of a cat"])
+    assert embeds.shape[1] == 77 + 256 and embeds[:, 77:].abs().sum() > 0
+    with_t5.save_pretrained(tmp_path)
+    back = load_sd(tmp_path, family="sd3")
+    assert type(back.text_encoder_3).__name__ == "T5EncoderModel"
+    assert abs(_sample(back) - _sample(with_t5)).max() < 1e-5

@@ -33,8 +33,8 @@ def sd():
 
 @pytest.mark.parametrize(
     "scheduler",
-    [dict(shift=3.0), dict(shift=1.0), dict(use_dynamic_shifting=True)],
-    ids=["shift3", "no_shift", "dynamic_shifting"],
+    [dict(shift=3.0), dict(shift=1.0), dict(use_dynamic_shifting=True), dict(t5=True)],
+    ids=["shift3", "no_shift", "dynamic_shifting", "with_t5"],
 )
 def test_parity_with_stable_diffusion_3_at_w_d_0(scheduler):
     base = build_tiny_sd3(seed=0, **scheduler)

@@ -141,6 +141,8 @@ def test_stage1_and_stage2_on_sd3(tmp_path, images):
     start = domain.context_tokens.detach().clone()
     quiet_trainer(tmp_path, max_steps=2).fit(stage2, datamodule=images)
     assert not torch.equal(domain.context_tokens.detach(), start)  # learned
+    meta = json.loads((tmp_path / "out2" / "domain_model" / "idgen_domain.json").read_text())
+    assert meta["text_encoder_3"] is False  # the tiny SD3 has no T5
     back = load_domain_model(tmp_path / "out2" / "domain_model")
     x = torch.randn(1, 16, 8, 8)
     assert torch.equal(back(x, 400.0).sample, domain.eval()(x, 400.0).sample)
@@ -218,3 +220,26 @@ def test_flux_folder_as_base_is_one_line(tmp_path):
     with pytest.raises(UserInputError, match="guidance-distilled"):
         sample(cfg)
     shutil.rmtree(folder)
+
+
+def test_domain_model_trained_with_t5_needs_a_base_with_t5(tmp_path):
+    """The export records whether its SD3 base had T5; sampling it on a base without T5 (the
+    tiny preset without t5, or a folder saved without text_encoder_3) is one line, and on the
+    base it was trained with it samples."""
+    train(job_config("train", tmp_path / "t5", [*FAST, "model.t5=true", "stage=all"]))
+    domain = tmp_path / "t5" / "run" / "domain_model"
+    assert json.loads((domain / "idgen_domain.json").read_text())["text_encoder_3"] is True
+    folder = tmp_path / "no_t5"
+    build_tiny_sd3().save_pretrained(folder)
+    for base in (["model=tiny_sd3"], ["model=sd3", f"model.pretrained={folder}"]):
+        cfg = compose_config("sample", tmp_path, [*base, f"domain_model={domain}"])
+        with pytest.raises(UserInputError, match="with T5 \\(text_encoder_3\\), the base has no"):
+            sample(cfg)
+    ok = [
+        "model=tiny_sd3",
+        "model.t5=true",
+        f"domain_model={domain}",
+        "sampler.num_inference_steps=2",
+    ]
+    ok += ["prompts=[a photo of a cat]", "images_per_prompt=1", "batch_size=1"]
+    assert sample(compose_config("sample", tmp_path / "ok", ok))["num_images"] == 1

@@ -120,6 +120,11 @@ class ModelFamily:
         """``txt2img.from_pretrained`` keyword arguments for this folder (beside the weights)."""
         return dict(self.load_kwargs)
 
+    def base_traits(self, pipe: Any) -> dict[str, Any]:
+        """What a trained result records about its base beyond its name (SD3: whether T5 was
+        there), so that sampling can refuse a base that lacks it."""
+        return {}
+
     # --- prompts -----------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompt(
@@ -257,6 +262,9 @@ class SD3Family(ModelFamily):
     def owns_unet_config(self, config):
         config = dict(config)
         return "joint_attention_dim" in dict(config.get("transformer_config", config))
+
+    def base_traits(self, pipe):
+        return {"text_encoder_3": getattr(pipe, "text_encoder_3", None) is not None}
 
 
 #: Pipelines idgen refuses, with the reason (a folder of one is named in one line).

@@ -9,10 +9,10 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from transformers import CLIPTextModelWithProjection
+from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from idgen.models.tiny_sdxl import TINY_TEXT_DIM, _text_config
-from idgen.models.tokenizer import build_tiny_clip_tokenizer
+from idgen.models.tokenizer import build_tiny_clip_tokenizer, build_tiny_t5_tokenizer
 from idgen.utils.dtypes import parse_optional_dtype
 
 #: stable-diffusion-3-medium-diffusers/scheduler/scheduler_config.json: flow matching, shift 3.
@@ -74,12 +74,14 @@ def build_tiny_sd3(
     device: str | torch.device | None = None,
     shift: float = 3.0,
     use_dynamic_shifting: bool = False,
+    t5: bool = False,
 ) -> StableDiffusion3Pipeline:
     """Build a ``StableDiffusion3Pipeline`` with tiny random weights in SD3 geometry.
 
     Two CLIP text encoders with projection (hidden states concatenated and padded to the
-    transformer's context width; pooled = both projections), no T5 (``text_encoder_3=None``:
-    diffusers then feeds zero T5 tokens, as for SD3 loaded without T5), a tiny
+    transformer's context width; pooled = both projections), no T5 unless ``t5`` (a tiny
+    ``T5EncoderModel`` of the context width and an offline T5 tokenizer; without it
+    ``text_encoder_3=None`` and diffusers feeds zero T5 tokens, as for SD3 loaded without T5), a tiny
     ``SD3Transformer2DModel`` (MMDiT), a 16-channel VAE with a factor-8 latent and SD3's
     ``FlowMatchEulerDiscreteScheduler`` (``shift``; ``use_dynamic_shifting`` picks the shift
     from the image size, as SD3.5/FLUX configs may). Deterministic for ``seed``, no download;
@@ -99,11 +101,25 @@ def build_tiny_sd3(
         )
         text_encoder = CLIPTextModelWithProjection(_text_config(tokenizer, TINY_TEXT_DIM))
         text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer_2, TINY_TEXT_DIM))
+        extra = {}
+        if t5:
+            tokenizer_3 = build_tiny_t5_tokenizer()
+            config = T5Config(
+                vocab_size=len(tokenizer_3),
+                d_model=TINY_SD3_TRANSFORMER["joint_attention_dim"],  # as T5-XXL's 4096 in SD3
+                d_kv=16,
+                d_ff=64,
+                num_layers=1,
+                num_heads=2,
+                decoder_start_token_id=0,
+                dropout_rate=0.0,  # a built model is in train mode; pretrained ones load in eval
+            )
+            extra = {"text_encoder_3": T5EncoderModel(config).eval(), "tokenizer_3": tokenizer_3}
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(
         dict(SD3_SCHEDULER_JSON, shift=shift, use_dynamic_shifting=use_dynamic_shifting)
     )
     pipe = sd3_pipeline(
-        transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2
+        transformer, scheduler, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, **extra
     )
     torch_dtype = parse_optional_dtype(torch_dtype, "model.torch_dtype")
     if torch_dtype is not None or device is not None:

@@ -1,6 +1,8 @@
-"""An offline CLIP tokenizer with a tiny byte-level BPE vocabulary."""
+"""Offline CLIP and T5 tokenizers with tiny vocabularies (tests and the tiny models)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from transformers import CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -48,3 +50,15 @@ def build_tiny_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
         model_max_length=model_max_length,
         pad_token="<|endoftext|>",
     )
+
+
+def build_tiny_t5_tokenizer(model_max_length: int = 256) -> Any:
+    """A T5 tokenizer (SentencePiece-style unigram, T5's ``<pad>``/``</s>``/``<unk>``) over the
+    same prompt words plus single letters, built without any download."""
+    from transformers import T5TokenizerFast
+
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [(f"\u2581{w}", -1.0 - i / 100) for i, w in enumerate(dict.fromkeys(_WORDS))]
+    vocab += [("\u2581", -15.0)] + [(c, -20.0) for c in letters]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)

@@ -136,6 +136,7 @@ class DiffusionTrainingModule(L.LightningModule):
             "prompt": self.prompt,
             "base_model": self.base_model,
             "steps": int(self.global_step) if self._trainer is not None else 0,
+            **getattr(self, "base_traits", {}),  # e.g. SD3: whether T5 was there
         }
 
     def export(self, out: str | Path) -> Path:
@@ -164,6 +165,7 @@ class DiffusionTrainingModule(L.LightningModule):
         family = getattr(self, "family", None)
         flow = family is not None and family.training_objective == "flow_matching"
         self.flow_sigmas = flow_sigmas(self.scheduler_config) if flow else None
+        self.base_traits = family.base_traits(pipe) if family is not None else {}
         self.register_buffer(
             "alphas_cumprod", noise_scheduler.alphas_cumprod.float().clone(), persistent=False
         )
