@@ -181,6 +181,30 @@ def check_family_features(cfg: DictConfig, family_name: str) -> None:
         family = family_named(family_name)
         for feature, key, value in wanted:
             family.require(feature, key, value)
+            if feature == "controlnet":
+                check_controlnet_family(key, value, family)
+
+
+def check_controlnet_family(key: str, value: Any, family: Any) -> None:
+    """Each ControlNet folder (its ``config.json``) is of the base's family (an SD1.5 ControlNet
+    cannot steer an SDXL UNet, nor the reverse)."""
+    from idgen.models.family import FamilyError, family_of
+
+    for path in value if isinstance(value, list | tuple) else [value]:
+        config = _read_json(Path(os.path.expanduser(str(path))) / "config.json")
+        if not config:
+            continue  # a missing folder is named by the sampler's own check
+        try:
+            theirs = family_of(config).name
+        except FamilyError:
+            continue
+        if theirs != family.name:
+            raise ConfigError(
+                key,
+                str(path),
+                f"is a ControlNet of a {theirs} model, but the base is {family.name}",
+                f"Use a ControlNet trained for {family.name} (or model=... of its family).",
+            )
 
 
 def check_resolution(

@@ -87,11 +87,6 @@ def test_other_family_is_one_line_before_loading(tmp_path, trained):
     ("config", "overrides", "named"),
     [
         ("train", ["experiment=demo", "module=baseline_lora"], "module='BaselineModule'"),
-        (
-            "sample",
-            ["sampler=controlnet", "sampler.controlnet=/x", "sampler.control_image=/x.png"],
-            "sampler.controlnet='/x'",
-        ),
         ("sample", ["baseline_model=/x"], "baseline_model='/x'"),
     ],
 )
@@ -102,3 +97,20 @@ def test_what_sdxl_lacks_yet_is_one_line(tmp_path, config, overrides, named):
     validate = {"train": preflight.validate_train, "sample": preflight.validate_sample}[config]
     with pytest.raises(UserInputError, match=f"{named}.*not yet for sdxl"):
         validate(cfg)
+
+
+def test_controlnet_of_the_other_family_is_one_line(tmp_path):
+    from diffusers import ControlNetModel
+
+    from idgen import preflight
+    from idgen.models import build_tiny_sd
+
+    ControlNetModel.from_unet(build_tiny_sd().unet).save_pretrained(tmp_path / "cn15")
+    overrides = ["sampler=controlnet", f"sampler.controlnet={tmp_path / 'cn15'}"]
+    cfg = compose_config(
+        "sample", tmp_path, [*overrides, "sampler.control_image=/x.png", "model=tiny_sdxl"]
+    )
+    with pytest.raises(
+        UserInputError, match="is a ControlNet of a sd15 model, but the base is sdxl"
+    ):
+        preflight.validate_sample(cfg)

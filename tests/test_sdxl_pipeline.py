@@ -127,7 +127,67 @@ def test_family_picks_the_pipeline_and_bad_calls_fail_early(sdxl):
         pipe(prompt_embeds=torch.zeros(1, 77, 64), w_d=0, w_c=2.0, weights="fixed")
     with pytest.raises(ValueError, match="multiples of 8"):
         pipe("a cat", height=60, w_d=0, w_c=2.0, weights="fixed")
-    with pytest.raises(ValueError, match="ControlNet"):
+    with pytest.raises(ValueError, match="no controlnet"):
         pipe("a cat", control_image=Image.new("RGB", (64, 64)), w_d=0, w_c=2.0)
     with pytest.raises(ValueError, match="domain_unet"):
         pipe("a cat", w_d=1.0, w_c=2.0, weights="fixed")
+
+
+def _tiny_xl_controlnet(unet):
+    from diffusers import ControlNetModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+        for module in [*cn.controlnet_down_blocks, cn.controlnet_mid_block]:
+            torch.nn.init.normal_(module.weight, std=0.1)  # from_unet zero-initialises them
+    return cn
+
+
+def test_controlnet_equals_diffusers_sdxl_controlnet_pipeline(sdxl):
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    cn = _tiny_xl_controlnet(sdxl.unet)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    ref = StableDiffusionXLControlNetPipeline(**sdxl.components, controlnet=cn)
+    ref.scheduler = make_scheduler(sdxl.scheduler.config, "dpm++")
+    ref.set_progress_bar_config(disable=True)
+    ours = InDomainXLPipeline.from_sd(sdxl, controlnet=cn)
+    kw = dict(num_inference_steps=5, output_type="np", controlnet_conditioning_scale=0.8)
+    expected = ref(PROMPTS, image=image, guidance_scale=4.0, generator=_gens(2), **kw).images
+    # diffusers feeds the ControlNet to the unconditional branch too: controlnet_on_uncond
+    got = ours(
+        PROMPTS,
+        control_image=image,
+        controlnet_on_uncond=True,
+        w_d=0,
+        w_c=4.0,
+        weights="fixed",
+        generator=_gens(2),
+        **kw,
+    ).images
+    assert np.abs(got - expected).max() < TOL
+    plain = ours(
+        PROMPTS, w_d=0, w_c=4.0, weights="fixed", generator=_gens(2), num_inference_steps=5
+    )
+    assert np.abs(np.asarray(plain.images[0]) / 255 - expected[0]).max() > 20 * TOL
+
+    # the paper's way (default): the ControlNet on the control term only, eps_sd(z, "") plain
+    seen = {}
+
+    def grab(key):
+        def callback(p, i, t, kw):
+            if i == 0:
+                seen[key] = (kw["eps_uncond"].clone(), kw["guidance_preds"][CONTROL].clone())
+            return {}
+
+        return callback
+
+    names = ["eps_uncond", "guidance_preds"]
+    common = dict(w_d=0, w_c=4.0, weights="fixed", num_inference_steps=2, output_type="np")
+    ours(PROMPTS, generator=_gens(2), callback_on_step_end=grab("none"),
+         callback_on_step_end_tensor_inputs=names, **common)  # fmt: skip
+    ours(PROMPTS, control_image=image, generator=_gens(2), callback_on_step_end=grab("paper"),
+         callback_on_step_end_tensor_inputs=names, **common)  # fmt: skip
+    torch.testing.assert_close(seen["paper"][0], seen["none"][0])  # the uncond is untouched
+    assert (seen["paper"][1] - seen["none"][1]).abs().max() > 1e-3  # the control term is not

@@ -325,7 +325,7 @@ FAMILIES: dict[str, ModelFamily] = {
         build_tiny=build_tiny_sdxl,
         addition_embed_type="text_time",
         load_kwargs=(("add_watermarker", False),),
-        features=frozenset({"sds"}),
+        features=frozenset({"controlnet", "sds"}),
     ),
     "sd3": SD3Family(
         name="sd3",

@@ -21,11 +21,13 @@ from typing import Any, get_args
 import torch
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import (
@@ -59,6 +61,7 @@ class _XLRun:
     model: Any
     embeds: torch.Tensor | None = None
     pooled: torch.Tensor | None = None
+    controlled: bool = False  # the call's control image drives the pipeline's ControlNet here
 
 
 class InDomainXLPipeline(DiffusersCallMixin, StableDiffusionXLPipeline):
@@ -66,13 +69,18 @@ class InDomainXLPipeline(DiffusersCallMixin, StableDiffusionXLPipeline):
 
     Components: SDXL's (``vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet,
     scheduler``) plus ``domain_unet`` (called as ``domain_unet(latents, t, time_ids=...)``, e.g.
-    an SDXL ``NullTextUNet``; optional). ``InDomainXLPipeline.from_pipe(sdxl_pipe,
-    domain_unet=...)`` shares an SDXL pipeline's models. The call takes the guidance arguments
+    an SDXL ``NullTextUNet``; optional) and ``controlnet`` (an SDXL ``ControlNetModel``, on the
+    control term; optional). ``InDomainXLPipeline.from_pipe(sdxl_pipe, domain_unet=...)``
+    shares an SDXL pipeline's models. The call takes the guidance arguments
     of :class:`~idgen.pipelines.InDomainPipeline` and SDXL's size conditioning.
     """
 
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->domain_unet->vae"
-    _optional_components = [*StableDiffusionXLPipeline._optional_components, "domain_unet"]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->controlnet->unet->domain_unet->vae"
+    _optional_components = [
+        *StableDiffusionXLPipeline._optional_components,
+        "domain_unet",
+        "controlnet",
+    ]
     _callback_tensor_inputs = [
         "latents",
         "noise_pred",
@@ -95,6 +103,7 @@ class InDomainXLPipeline(DiffusersCallMixin, StableDiffusionXLPipeline):
         force_zeros_for_empty_prompt: bool = True,
         add_watermarker: bool | None = False,
         domain_unet: Any = None,
+        controlnet: ControlNetModel = None,
     ):
         super().__init__(
             vae=vae,
@@ -109,7 +118,10 @@ class InDomainXLPipeline(DiffusersCallMixin, StableDiffusionXLPipeline):
             force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
             add_watermarker=add_watermarker,
         )
-        self.register_modules(domain_unet=domain_unet)
+        self.register_modules(domain_unet=domain_unet, controlnet=controlnet)
+        self.control_image_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True, do_normalize=False
+        )
 
     @classmethod
     def from_sd(
@@ -120,19 +132,21 @@ class InDomainXLPipeline(DiffusersCallMixin, StableDiffusionXLPipeline):
         scheduler: str | Any = "dpm++",
     ) -> InDomainXLPipeline:
         """Wrap a loaded SDXL pipeline's components; ``scheduler`` defaults to DPM-Solver++."""
-        if controlnet is not None:
+        if isinstance(controlnet, list | tuple):
             raise ValueError(
-                "ControlNet guidance is not implemented for SDXL bases yet (sampler.controlnet); "
-                "use an SD1.5 base for ControlNet, or leave sampler.controlnet unset."
+                "several ControlNets are not implemented for SDXL bases yet; give one "
+                "(sampler.controlnet=<folder>)."
             )
         if isinstance(scheduler, str):
             scheduler = make_scheduler(sd.scheduler.config, scheduler)
-        parts = {k: v for k, v in sd.components.items() if k != "scheduler"}
+        keep = ("scheduler", "domain_unet", "controlnet")
+        parts = {k: v for k, v in sd.components.items() if k not in keep}
         pipe = cls(
             **parts,
             scheduler=scheduler,
             force_zeros_for_empty_prompt=sd.config.get("force_zeros_for_empty_prompt", True),
             domain_unet=domain_unet,
+            controlnet=controlnet,
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -177,10 +191,10 @@ class InDomainXLPipeline(DiffusersCallMixin, StableDiffusionXLPipeline):
                 f"callback_on_step_end_tensor_inputs may only hold {self._callback_tensor_inputs}, "
                 f"got {bad}"
             )
-        if control_image is not None:
+        if control_image is not None and self.controlnet is None:
             raise ValueError(
-                "control_image: ControlNet guidance is not implemented for SDXL bases yet; drop "
-                "control_image (sampler.control_image) or use an SD1.5 base."
+                "control_image was given but the pipeline has no controlnet; build it with "
+                "controlnet=ControlNetModel(...) or drop control_image."
             )
 
     def _term_run(
@@ -200,13 +214,15 @@ class InDomainXLPipeline(DiffusersCallMixin, StableDiffusionXLPipeline):
             )
         if model is not None and not accepts_text(model):
             return _XLRun(model)
+        # the call's control image drives the pipeline's ControlNet in the "control" term
+        controlled = term.name == CONTROL and model is None
         if term.prompt_embeds is not None:
             raise ValueError(
                 f"GuidanceTerm '{term.name}': SDXL terms take prompt=... (prompt_embeds alone "
                 "lack SDXL's pooled embedding)."
             )
         if term.prompt is None:
-            return _XLRun(model, embeds, pooled)  # the call's prompt
+            return _XLRun(model, embeds, pooled, controlled)  # the call's prompt
         texts = [term.prompt] if isinstance(term.prompt, str) else list(term.prompt)
         own, _, own_pooled, _ = self.encode_prompt(
             texts,
@@ -216,7 +232,7 @@ class InDomainXLPipeline(DiffusersCallMixin, StableDiffusionXLPipeline):
             lora_scale=self._lora_scale_of_call,
             clip_skip=self.clip_skip,
         )
-        return _XLRun(model, own, own_pooled)
+        return _XLRun(model, own, own_pooled, controlled)
 
     def _timesteps(
         self,
@@ -244,19 +260,48 @@ class InDomainXLPipeline(DiffusersCallMixin, StableDiffusionXLPipeline):
             )
         return steps
 
-    def _sd_predictions(self, latent_in, t, chunks: list[tuple[torch.Tensor, ...]]):
-        """Frozen-SDXL predictions of ``chunks`` (``(embeds, pooled, time_ids)`` each) in ONE
-        batched forward, as diffusers batches ``[uncond; cond]``."""
+    def _sd_predictions(self, latent_in, t, chunks: list[tuple[Any, ...]], control=None):
+        """Frozen-SDXL predictions of ``chunks`` (``(embeds, pooled, time_ids, controlled)``
+        each) in ONE batched forward, as diffusers batches ``[uncond; cond]``; the ControlNet
+        (``control``: ``(image, scale)``) runs once over the controlled chunks, the others get
+        zero residuals."""
         n = len(chunks)
         x = latent_in if n == 1 else torch.cat([latent_in] * n)
-        embeds, pooled, time_ids = (torch.cat(parts) for parts in zip(*chunks, strict=True))
+        embeds, pooled, time_ids = (
+            torch.cat(parts) for parts in list(zip(*chunks, strict=True))[:3]
+        )
+        added = {"text_embeds": pooled, "time_ids": time_ids}
+        residuals = {}
+        rows = latent_in.shape[0]
+        on = [k for k, chunk in enumerate(chunks) if chunk[3]]
+        if control is not None and on:
+            idx = torch.cat([torch.arange(k * rows, (k + 1) * rows) for k in on]).to(x.device)
+            every = len(on) == n  # diffusers' CFG batch: no gather/scatter, same arithmetic
+            image, scale = control
+            down, mid = self.controlnet(
+                x if every else x[idx],
+                t,
+                encoder_hidden_states=embeds if every else embeds[idx],
+                controlnet_cond=torch.cat([image] * len(on)),
+                conditioning_scale=scale,
+                added_cond_kwargs=added if every else {k: v[idx] for k, v in added.items()},
+                return_dict=False,
+            )
+            if not every:
+                down = [_scatter(r, idx, x.shape[0]) for r in down]
+                mid = _scatter(mid, idx, x.shape[0])
+            residuals = {
+                "down_block_additional_residuals": down,
+                "mid_block_additional_residual": mid,
+            }
         eps = self.unet(
             x,
             t,
             encoder_hidden_states=embeds,
             cross_attention_kwargs=self.cross_attention_kwargs,
-            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+            added_cond_kwargs=added,
             return_dict=False,
+            **residuals,
         )[0]
         return eps.chunk(n)
 
@@ -366,7 +411,9 @@ class InDomainXLPipeline(DiffusersCallMixin, StableDiffusionXLPipeline):
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
         w_c = resolve_guidance_scale(guidance_scale, w_c)
 
-        # 0. Default height and width to the UNet's
+        # 0. Default height and width to the UNet's (with a control image: to its size, as
+        #    diffusers' SDXL ControlNet pipeline)
+        requested = (height, width)
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
 
@@ -440,7 +487,17 @@ class InDomainXLPipeline(DiffusersCallMixin, StableDiffusionXLPipeline):
         guider = Guider(terms, num_steps=len(steps), w0=w0)
         self._num_timesteps = len(steps)
 
-        # 6. Prepare latents: diffusers' SDXL txt2img noise, or img2img's noised image
+        # 6. The control image as diffusers' SDXL ControlNet pipeline prepares it (its size is the
+        #    output's), then the latents: SDXL txt2img noise, or img2img's noised image
+        control = None
+        if control_image is not None:
+            cimage = self.control_image_processor.preprocess(
+                control_image, height=requested[0], width=requested[1]
+            ).to(dtype=torch.float32)
+            repeat = rows if cimage.shape[0] == 1 else num_images_per_prompt
+            cimage = cimage.repeat_interleave(repeat, dim=0).to(device, embeds.dtype)
+            height, width = cimage.shape[-2:]
+            control = (cimage, float(controlnet_conditioning_scale))
         if image is not None:
             pixels = self.image_processor.preprocess(image)
             latents = StableDiffusionXLImg2ImgPipeline.prepare_latents(
@@ -478,7 +535,7 @@ class InDomainXLPipeline(DiffusersCallMixin, StableDiffusionXLPipeline):
             )
         time_ids = time_ids.to(device).repeat(rows, 1)
         negative_time_ids = negative_time_ids.to(device).repeat(rows, 1)
-        uncond = (negative_embeds, negative_pooled, negative_time_ids)
+        uncond = (negative_embeds, negative_pooled, negative_time_ids, controlnet_on_uncond)
         step_kwargs = extra_step_kwargs(self.scheduler, generator, eta)
 
         # 8. Denoising loop
@@ -493,9 +550,10 @@ class InDomainXLPipeline(DiffusersCallMixin, StableDiffusionXLPipeline):
                 # 8.2 Frozen SDXL: uncond + every SDXL text term, in one batched forward
                 sd_terms = [g.name for g in fresh if runs[g.name].model is None]
                 chunks = [uncond] + [
-                    (runs[name].embeds, runs[name].pooled, time_ids) for name in sd_terms
+                    (runs[name].embeds, runs[name].pooled, time_ids, runs[name].controlled)
+                    for name in sd_terms
                 ]
-                eps_uncond, *eps_text = self._sd_predictions(latent_in, t, chunks)
+                eps_uncond, *eps_text = self._sd_predictions(latent_in, t, chunks, control)
                 preds = dict(zip(sd_terms, eps_text, strict=True))
 
                 # 8.3 Domain UNet and other models (the same time_ids): one forward each
@@ -541,3 +599,10 @@ class InDomainXLPipeline(DiffusersCallMixin, StableDiffusionXLPipeline):
         if not return_dict:
             return images, used
         return InDomainPipelineOutput(images=images, guidance_weights=used)
+
+
+def _scatter(rows: torch.Tensor, idx: torch.Tensor, total: int) -> torch.Tensor:
+    """``rows`` placed at ``idx`` of a zero batch of ``total`` rows (x + 0 leaves the other
+    chunks' UNet features untouched)."""
+    out = torch.zeros((total, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+    return out.index_copy(0, idx, rows)
