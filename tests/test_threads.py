@@ -95,3 +95,20 @@ def test_apply_sets_torch_and_the_environment(monkeypatch):
         assert torch.get_num_threads() == 2 and os.environ["OMP_NUM_THREADS"] == "2"
     finally:
         torch.set_num_threads(before)
+
+
+def test_cpu_processes_of_one_run_share_the_cpus(monkeypatch):
+    """trainer=ddp_sim (2 CPU processes): each plans for half, so 2 x threads <= CPUs."""
+    plan = plan_threads(4, omp_num_threads="", processes=2)
+    assert (plan.threads, plan.workers, plan.cpus) == (2, 0, 2)
+    assert "2 processes share 4 CPUs" in plan.describe()
+    monkeypatch.setattr("idgen.utils.task.apply_threads", lambda plan: None)
+    monkeypatch.setattr("idgen.utils.task.plan_threads", plan_threads)
+    cfg = OmegaConf.create(
+        {
+            "threads": None,
+            "trainer": {"accelerator": "cpu", "devices": 2},
+            "data": {"num_workers": None},
+        }
+    )
+    assert configure_threads(cfg).source.startswith("2 processes share")

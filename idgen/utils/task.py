@@ -100,7 +100,12 @@ def configure_threads(cfg: DictConfig) -> ThreadPlan:
     data = cfg.get("data")
     has_workers = isinstance(data, DictConfig) and "num_workers" in data
     workers = check_int(cfg, "data.num_workers", minimum=0, optional=True) if has_workers else None
-    plan = plan_threads(threads=threads, workers=workers)
+    trainer = cfg.get("trainer")
+    processes = 1  # DDP on CPU: that many processes share the CPUs
+    if isinstance(trainer, DictConfig) and trainer.get("accelerator") == "cpu":
+        devices = trainer.get("devices")
+        processes = devices if isinstance(devices, int) and devices > 1 else 1
+    plan = plan_threads(threads=threads, workers=workers, processes=processes)
     apply_threads(plan)
     if has_workers and workers is None:
         data.num_workers = plan.workers

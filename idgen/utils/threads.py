@@ -97,7 +97,8 @@ class ThreadPlan:
         """The run's first line: what was chosen, from what, and how to change it."""
         return (
             f"CPU: {self.threads} torch thread(s), {self.workers} DataLoader worker(s) "
-            f"({self.cpus} usable CPU(s); {self.source}; set threads=N / data.num_workers=N)"
+            f"({self.cpus} CPU(s) for this process; {self.source}; "
+            "set threads=N / data.num_workers=N)"
         )
 
 
@@ -110,17 +111,20 @@ def plan_threads(
     threads: int | None = None,
     workers: int | None = None,
     omp_num_threads: str | None = None,
+    processes: int = 1,
 ) -> ThreadPlan:
     """Threads and workers so that ``workers x threads <= cpus``.
 
     ``threads`` / ``workers`` (None: computed) are the config's; ``threads`` falls back to
     ``omp_num_threads`` (default: the ``OMP_NUM_THREADS`` the process started with). Computed: no workers below 4 CPUs (loading in the
     training process is cheaper than a process per core there), then one worker per 4 CPUs up
-    to :data:`MAX_WORKERS`; threads take the CPUs left per worker.
+    to :data:`MAX_WORKERS`; threads take the CPUs left per worker. ``processes`` training
+    processes on the same CPUs (DDP on CPU) share them: each plans for ``cpus // processes``.
     """
     cpus = usable_cpus() if cpus is None else max(1, cpus)
     env = _env_threads(_USER_OMP if omp_num_threads is None else omp_num_threads)
-    chosen = []
+    chosen = [f"{processes} processes share {cpus} CPUs"] if processes > 1 else []
+    cpus = max(1, cpus // max(1, processes))
     if threads is not None:
         chosen.append(f"threads={threads}")
     elif env is not None:
