@@ -174,3 +174,26 @@ def test_tiny_sd3_with_t5_round_trip(tmp_path):
     back = load_sd(tmp_path, family="sd3")
     assert type(back.text_encoder_3).__name__ == "T5EncoderModel"
     assert abs(_sample(back) - _sample(with_t5)).max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("SD3_MEDIUM_TRANSFORMER", 2_028_328_000),
+        ("SD35_MEDIUM_TRANSFORMER", 2_243_171_520),
+        ("SD35_LARGE_TRANSFORMER", 8_056_627_520),
+    ],
+)
+def test_true_size_sd3_layouts(name, params):
+    """The true-size SD3/SD3.5 transformers build on the meta device with their published
+    sizes (Stability's 2B / 2.5B / 8B count the position buffer too: within 5%)."""
+    from idgen.models import layouts
+
+    config = getattr(layouts, name)
+    with torch.device("meta"):
+        model = SD3Transformer2DModel(**config)
+    assert sum(p.numel() for p in model.parameters()) == params
+    buffer = model.pos_embed.pos_embed.numel()
+    published = {"SD3_": 2.0e9, "SD35_M": 2.5e9, "SD35_L": 8.1e9}
+    target = next(v for k, v in published.items() if name.startswith(k))
+    assert abs(params + buffer - target) / target < 0.05
