@@ -243,3 +243,15 @@ def test_domain_model_trained_with_t5_needs_a_base_with_t5(tmp_path):
     ]
     ok += ["prompts=[a photo of a cat]", "images_per_prompt=1", "batch_size=1"]
     assert sample(compose_config("sample", tmp_path / "ok", ok))["num_images"] == 1
+
+
+def test_sd3_checkpoint_exports_as_the_run_did(tmp_path, trained):
+    """`python -m idgen.modules.export CKPT OUT` rebuilds the SD3 null-text transformer from a
+    checkpoint: the same weights as the run's own export (both EMA at the last step)."""
+    from idgen.modules.export import export_from_checkpoint
+
+    out = export_from_checkpoint(trained / "checkpoints" / "last.ckpt", tmp_path / "exported")
+    ours, theirs = load_domain_model(out), load_domain_model(trained / "domain_model")
+    assert isinstance(ours, NullTextSD3Transformer)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

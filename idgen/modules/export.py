@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from idgen.models.null_text_transformer import NullTextSD3Transformer
 from idgen.models.null_text_unet import NullTextUNet
 from idgen.modules.sd_parts import TEXT_FEATURES_FILE, save_text_features
 from idgen.utils.io import replace_dir
@@ -67,8 +68,11 @@ def export_domain_model(
     return out
 
 
-def unet_from_checkpoint(checkpoint: dict, use_ema: bool = True) -> NullTextUNet:
-    """Rebuild the NullTextUNet held by a NullTextFinetuneModule checkpoint (no SD needed)."""
+def unet_from_checkpoint(
+    checkpoint: dict, use_ema: bool = True
+) -> NullTextUNet | NullTextSD3Transformer:
+    """Rebuild the domain model (``NullTextUNet``; SD3: ``NullTextSD3Transformer``) held by a
+    NullTextFinetuneModule checkpoint (no SD needed)."""
     if "null_text_unet_config" not in checkpoint:
         raise KeyError(
             "checkpoint has no 'null_text_unet_config'; is it a checkpoint of the null-text "
@@ -76,7 +80,10 @@ def unet_from_checkpoint(checkpoint: dict, use_ema: bool = True) -> NullTextUNet
         )
     config = dict(checkpoint["null_text_unet_config"])
     with torch.device("meta"):
-        unet = NullTextUNet(unet_config=config["unet_config"], init=config.get("init", "value"))
+        if "transformer_config" in config:  # an SD3 base: the null-text transformer's arguments
+            unet = NullTextSD3Transformer(**config)
+        else:
+            unet = NullTextUNet(unet_config=config["unet_config"], init=config.get("init", "value"))
     prefix = "domain_unet."
     state = {
         k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
