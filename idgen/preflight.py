@@ -332,7 +332,8 @@ def check_finetune_inputs(cfg: DictConfig, stage: str) -> None:
             path = path / "text_features.safetensors"
         check_file("text_features", str(path), "a stage-1 text_features.safetensors")
     ckpt = get(cfg, "ckpt_path")
-    if ckpt not in (None, "last"):
+    # a folder is a sharded checkpoint (trainer=fsdp, trainer=deepspeed)
+    if ckpt not in (None, "last") and not Path(os.path.expanduser(str(ckpt))).is_dir():
         check_file("ckpt_path", ckpt, "a training checkpoint (.ckpt), or pass ckpt_path=last")
 
 
@@ -348,7 +349,83 @@ def check_trainer(cfg: DictConfig) -> None:
     """The trainer's gradient accumulation and logging interval (every stage), and its device."""
     check_int(cfg, "trainer.accumulate_grad_batches")
     check_int(cfg, "trainer.log_every_n_steps")
+    check_strategy(cfg)
     check_accelerator(cfg)
+
+
+#: strategies that shard the model over processes (``trainer=fsdp``, ``trainer=deepspeed``)
+SHARDED_STRATEGIES = ("fsdp", "deepspeed")
+
+
+def check_strategy(cfg: DictConfig) -> None:
+    """``trainer.strategy``: a Lightning strategy name or an importable ``_target_``; a sharded
+    one (FSDP, DeepSpeed) with its package, over >= 2 devices in all, and without the EMA."""
+    strategy = get(cfg, "trainer.strategy") if cfg.get("trainer") is not None else None
+    if strategy is None:
+        return
+    if isinstance(strategy, dict):
+        name = str(strategy.get("_target_", ""))
+        try:
+            from hydra.utils import get_class
+
+            get_class(name)
+        except Exception:
+            if "deepspeed" in name.lower():
+                check_deepspeed_installed()
+            raise ConfigError(
+                "trainer.strategy._target_",
+                name,
+                "is not an importable strategy class",
+                "Pick one of idgen/conf/trainer/ (trainer=ddp, fsdp, deepspeed).",
+            ) from None
+    else:
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        name = str(strategy)
+        known = ["auto", *StrategyRegistry.available_strategies()]
+        if name not in known:
+            raise ConfigError(
+                "trainer.strategy",
+                name,
+                "is not a Lightning strategy",
+                f"Use trainer=ddp|fsdp|deepspeed, or one of: {', '.join(known)}.",
+            )
+    kind = next((k for k in SHARDED_STRATEGIES if k in name.lower()), None)
+    if kind is None:
+        return
+    if kind == "deepspeed":
+        check_deepspeed_installed()
+    devices, nodes = get(cfg, "trainer.devices"), get(cfg, "trainer.num_nodes") or 1
+    count = len(devices) if isinstance(devices, list) else devices
+    if isinstance(count, int) and count > 0 and isinstance(nodes, int) and count * nodes < 2:
+        raise ConfigError(
+            "trainer.devices",
+            devices,
+            f"{kind} shards the model over processes, and trainer.devices x trainer.num_nodes "
+            f"is {count * nodes}",
+            "Use trainer=gpu for one GPU, or trainer.devices>=2 (or trainer.num_nodes>=2).",
+        )
+    if isinstance((cfg.get("callbacks") or {}).get("ema"), DictConfig):
+        raise ConfigError(
+            "callbacks.ema",
+            "EMAWeights",
+            f"keeps a per-process copy of the weights, which under {kind} would be one shard "
+            "of them",
+            "Pass ~callbacks.ema (or trainer=ddp, which keeps whole weights on every GPU).",
+        )
+
+
+def check_deepspeed_installed() -> None:
+    """``trainer=deepspeed`` needs the optional ``deepspeed`` package."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(
+            "trainer",
+            "deepspeed",
+            "needs the deepspeed package, which is not installed",
+            "pip install 'idgen[deepspeed]', or use trainer=fsdp.",
+        )
 
 
 #: Lightning accelerators that need a CUDA device

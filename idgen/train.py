@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import lightning as L
@@ -113,6 +114,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     interrupted are removed from the run folder, and a rerun into the same folder resumes.
     """
     validate_train(cfg)
+    if int(os.environ.get("NODE_RANK") or 0) > 0 and rank_zero_only.rank == 0:
+        # A node started by hand in Lightning's multi-node environment (NODE_RANK=1, no RANK)
+        # is not rank 0, also before its Trainer says so: the run folder's housekeeping below
+        # (temp-file cleanup, config.yaml, grids) stays on node 0.
+        rank_zero_only.rank = int(os.environ["NODE_RANK"])
     stage = cfg.get("stage", "all")
     output_dir = Path(cfg.paths.output_dir)
     resume = (None, None)

@@ -23,15 +23,29 @@ from torch.utils.data import DataLoader, Dataset
 log = logging.getLogger(__name__)
 
 
-def latents_from_batch(batch: dict, vae, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Scaled latents ``z_0`` for a batch holding ``pixel_values`` or cached ``latent_params``."""
+def latents_from_batch(
+    batch: dict, vae, generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1)
+) -> torch.Tensor:
+    """Scaled latents ``z_0`` for a batch holding ``pixel_values`` or cached ``latent_params``.
+
+    ``shard=(rank, world)``: the batch is rows ``rank, rank + world, ...`` of a global batch;
+    the sampling noise is drawn for the global batch and this rank keeps its rows (as
+    ``denoising_loss`` does), so a row's latent does not depend on the number of processes.
+    """
     if "latent_params" in batch:
         params = batch["latent_params"].to(device=vae.device, dtype=vae.dtype)
         dist = DiagonalGaussianDistribution(params)
     else:
         pixels = batch["pixel_values"].to(device=vae.device, dtype=vae.dtype)
         dist = vae.encode(pixels).latent_dist
-    latents = dist.sample(generator=generator)
+    rank, world = shard
+    if world == 1:
+        latents = dist.sample(generator=generator)
+    else:  # what dist.sample draws (randn_tensor on the generator's device), for all rows
+        shape = (dist.mean.shape[0] * world, *dist.mean.shape[1:])
+        device = generator.device if generator is not None else dist.mean.device
+        eps = torch.randn(shape, generator=generator, device=device, dtype=dist.mean.dtype)
+        latents = dist.mean + dist.std * eps[rank::world].to(dist.mean.device)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
 

@@ -1,9 +1,10 @@
 """Shared plumbing of idgen's diffusion training modules.
 
 Frozen Stable Diffusion parts are loaded lazily in ``setup()`` from a loader partial, kept in
-eval mode, and never written to checkpoints; noise and timesteps come from a per-rank CPU
-generator whose state is checkpointed with the global RNG states, so a resumed run continues
-exactly where it stopped.
+eval mode, and never written to checkpoints; VAE sampling noise, noise and timesteps come from
+one CPU generator, the same on every rank (each keeps its rows of the global batch, so a run on
+N processes trains as one process at the same global batch), whose state is checkpointed with
+the global RNG states, so a resumed run continues exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -41,6 +42,28 @@ def capture_rng_states() -> dict[str, Any]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
+
+
+def gathered_state_dict(strategy: Any) -> dict[str, torch.Tensor] | None:
+    """The module's whole ``state_dict`` on rank 0 (empty on the others) under a strategy that
+    shards the weights (FSDP, DeepSpeed ZeRO-3); ``None`` where every rank holds them whole.
+
+    A collective under those strategies: every rank must call it.
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    if isinstance(strategy, FSDPStrategy):
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+        with FSDP.state_dict_type(strategy.model, StateDictType.FULL_STATE_DICT, config):
+            return strategy.model.state_dict()
+    if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+        # DeepSpeed's own gather, in the run's 16-bit precision; keys under Lightning's wrapper
+        state = strategy.model._zero3_consolidated_16bit_state_dict() or {}
+        return {k.removeprefix("_forward_module."): v for k, v in state.items()}
+    return None
 
 
 def restore_rng_states(states: dict[str, Any]) -> None:
@@ -147,9 +170,22 @@ class DiffusionTrainingModule(L.LightningModule):
         if not self.export_on_fit_end:
             return
         self.export_path = self.resolve_output_dir() / self.export_dir_name
-        self._export_rank_zero()
+        state = gathered_state_dict(self.trainer.strategy)  # every rank takes part
+        if state is None:  # every rank holds the whole weights
+            self._export_rank_zero()
+        elif self.trainer.is_global_zero:
+            self.export_state(state, self.export_path)
+            rank_zero_info(f"{type(self).__name__}: exported to {self.export_path}")
         # other ranks (and the next stage on them) read what rank 0 has just written
         self.trainer.strategy.barrier("exported")
+
+    def export_state(self, state: dict[str, torch.Tensor], out: str | Path) -> Path:
+        """:meth:`export` from this module's whole ``state_dict()``, gathered on rank 0 under a
+        strategy that shards the weights (``trainer=fsdp``), where no rank holds them all."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot export under a sharded strategy (trainer=fsdp or "
+            "DeepSpeed stage 3); train it with trainer=ddp."
+        )
 
     @rank_zero_only
     def _export_rank_zero(self) -> None:
@@ -169,8 +205,9 @@ class DiffusionTrainingModule(L.LightningModule):
         self.register_buffer(
             "alphas_cumprod", noise_scheduler.alphas_cumprod.float().clone(), persistent=False
         )
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        self.noise_generator = torch.Generator().manual_seed(self.seed + 1000 * rank)
+        # The same stream on every rank: each draws for the global batch and keeps its rows
+        # (``data_shard``), so results do not depend on how many processes share a batch.
+        self.noise_generator = torch.Generator().manual_seed(self.seed)
 
     def _attach_vae_to_data(self) -> None:
         """Let a data module with ``cache_latents`` encode its images once with our VAE."""
@@ -187,10 +224,18 @@ class DiffusionTrainingModule(L.LightningModule):
         return self
 
     # --- loss -------------------------------------------------------------------------------
+    def data_shard(self) -> tuple[int, int]:
+        """``(rank, world)``: this process holds rows ``rank, rank + world, ...`` of each global
+        batch (``idgen.data.datamodule.EpochSeededSampler``, Lightning's ``DistributedSampler``)."""
+        if self._trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
     def latents_from_batch(self, batch: dict) -> torch.Tensor:
-        """Scaled latents from ``pixel_values`` or the data module's cached ``latent_params``."""
+        """Scaled latents from ``pixel_values`` or the data module's cached ``latent_params``
+        (the VAE's sampling noise from ``noise_generator``, drawn for the global batch)."""
         with torch.no_grad():
-            return data_latents(batch, self.vae).float()
+            return data_latents(batch, self.vae, self.noise_generator, self.data_shard()).float()
 
     def loss_for(
         self, predict, latents: torch.Tensor, generator: torch.Generator | None = None
@@ -212,6 +257,7 @@ class DiffusionTrainingModule(L.LightningModule):
             generator=generator or self.noise_generator,
             noise_offset=self.noise_offset,
             snr_gamma=self.snr_gamma,
+            shard=self.data_shard(),
         )
 
     def denoiser(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -239,7 +285,7 @@ class DiffusionTrainingModule(L.LightningModule):
         Runs every ``trainer.val_check_interval`` steps (default: at the end of each epoch).
         """
         generator = torch.Generator().manual_seed(self.seed + batch_idx)
-        latents = data_latents(batch, self.vae, generator).float()
+        latents = data_latents(batch, self.vae, generator, self.data_shard()).float()
         loss = self.loss_for(self.denoiser_for(batch), latents, generator)
         self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=latents.shape[0])
         return loss
@@ -309,8 +355,12 @@ class DiffusionTrainingModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         frozen = tuple(f"{n}." for n in self.frozen_names)
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(frozen)]:
-            del state[key]
+        keys = [k for k in state if k.startswith(frozen)]
+        # A sharded checkpoint (FSDP's DTensor shards) keeps them: its loader reads every key
+        # the module has.
+        if all(type(state[k]) is torch.Tensor for k in keys):
+            for key in keys:
+                del state[key]
         checkpoint["rng_states"] = capture_rng_states()
         checkpoint["idgen_metadata"] = self.metadata()
         if self.noise_generator is not None:
@@ -320,11 +370,5 @@ class DiffusionTrainingModule(L.LightningModule):
         if "rng_states" in checkpoint:
             restore_rng_states(checkpoint["rng_states"])
         if "noise_generator" in checkpoint and self.noise_generator is not None:
-            rank = self.trainer.global_rank if self._trainer is not None else 0
-            if rank == 0:
-                self.noise_generator.set_state(checkpoint["noise_generator"])
-            else:
-                # Only rank 0's stream is in the checkpoint; other ranks get a fresh stream
-                # that still differs per rank and per resume point.
-                step = int(checkpoint.get("global_step", 0))
-                self.noise_generator.manual_seed(self.seed + 1000 * rank + 7919 * step)
+            # every rank runs the same stream (see _setup_noise): rank 0's is everyone's
+            self.noise_generator.set_state(checkpoint["noise_generator"])

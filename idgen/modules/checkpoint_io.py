@@ -40,13 +40,34 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 # ---------------------------------------------------------------------------- resume and pruning
 
 
+#: where a checkpoint *folder* keeps its step and metadata: FSDP's sharded checkpoints
+#: (``trainer=fsdp``: one file per rank + ``meta.pt``, written last) and DeepSpeed's
+#: (``trainer=deepspeed``: the client state beside rank 0's model states, ZeRO-2 / ZeRO-3)
+FOLDER_METADATA = (
+    "meta.pt",
+    "checkpoint/mp_rank_00_model_states.pt",
+    "checkpoint/zero_pp_rank_0_mp_rank_00_model_states.pt",
+)
+
+
+def checkpoint_metadata_file(path: str | os.PathLike) -> Path:
+    """The file holding a checkpoint's ``global_step``: ``path`` itself, or inside a checkpoint
+    folder (sharded strategies) the first of :data:`FOLDER_METADATA` that exists."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in FOLDER_METADATA if (path / name).is_file()]
+        return found[0] if found else path / FOLDER_METADATA[0]
+    return path
+
+
 def checkpoint_step(path: str | os.PathLike) -> int | None:
-    """The ``global_step`` of a complete checkpoint file; ``None`` when it is truncated or not one.
+    """The ``global_step`` of a complete checkpoint; ``None`` when it is truncated or not one.
 
     A file a kill cut short fails here (its zip directory, at the end, is missing), whatever its
-    name; ``mmap`` keeps this cheap for big checkpoints (only the pickled header is read).
+    name; ``mmap`` keeps this cheap for big checkpoints (only the pickled header is read). A
+    checkpoint folder (FSDP, DeepSpeed) counts once its metadata file is complete.
     """
-    path = Path(path)
+    path = checkpoint_metadata_file(path)
     if not path.is_file() or not zipfile.is_zipfile(path):
         return None
     try:
@@ -186,7 +207,8 @@ def remove_incomplete_checkpoints(dirpath: str | os.PathLike) -> list[Path]:
 
 def pending_log(checkpoint_path: str | os.PathLike) -> dict[str, Any] | None:
     """The metrics row of a checkpoint's own step (see ``ResumableModelCheckpoint``), if any."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=False)
+    path = checkpoint_metadata_file(checkpoint_path)
+    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     for state in (checkpoint.get("callbacks") or {}).values():
         if isinstance(state, dict) and state.get("pending_log"):
             return state["pending_log"]

@@ -105,15 +105,24 @@ def denoising_loss(
     generator: torch.Generator | None = None,
     noise_offset: float = 0.0,
     snr_gamma: float | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> torch.Tensor:
     """The standard latent-diffusion training loss for one batch of clean latents.
 
     ``predict(noisy_latents, timesteps)`` is the model's output. Noise and timesteps are drawn
-    from ``generator`` (CPU) so runs are reproducible and resumable.
+    from ``generator`` (CPU) so runs are reproducible and resumable. ``shard=(rank, world)``:
+    ``latents`` are rows ``rank, rank + world, ...`` of a global batch ``world`` times larger
+    (what ``EpochSeededSampler`` hands each DDP rank); the draws are made for the global batch
+    and this rank keeps its rows, so with the same ``generator`` on every rank each image gets
+    the noise and timestep of a one-process run, whatever the number of processes.
     """
-    # 1. Draw noise and timesteps.
-    noise = sample_noise(latents, generator, noise_offset)
-    t = sample_timesteps(latents.shape[0], alphas_cumprod.shape[0], generator).to(latents.device)
+    # 1. Draw noise and timesteps (for the global batch; this rank's rows).
+    rank, world = shard
+    rows = slice(rank, None, world)
+    full = torch.empty((latents.shape[0] * world, *latents.shape[1:]), dtype=latents.dtype)
+    noise = sample_noise(full, generator, noise_offset)[rows].to(latents.device)
+    t = sample_timesteps(full.shape[0], alphas_cumprod.shape[0], generator)[rows]
+    t = t.to(latents.device)
     # 2. Forward process, prediction and its target.
     noisy = add_noise(alphas_cumprod, latents, noise, t)
     pred = predict(noisy, t)

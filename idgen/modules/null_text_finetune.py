@@ -14,7 +14,7 @@ from idgen.models.family import ModelFamily, family_of
 from idgen.models.null_text_unet import NullTextUNet
 from idgen.modules.base import DiffusionTrainingModule, OptimizerFactory, SchedulerFactory
 from idgen.modules.ema import EMA
-from idgen.modules.export import export_domain_model
+from idgen.modules.export import export_domain_model, unet_from_checkpoint
 from idgen.modules.sd_parts import freeze, load_pooled_features, load_text_features
 
 
@@ -185,13 +185,24 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
                 return export_domain_model(self.domain_unet, out_dir, self.text_features, meta)
         return export_domain_model(self.domain_unet, out_dir, self.text_features, meta)
 
+    def export_state(self, state: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
+        """The domain model from a gathered ``state_dict()`` (``trainer=fsdp``; raw weights,
+        as there is no EMA under a sharded strategy)."""
+        checkpoint = {"null_text_unet_config": self._unet_config(), "state_dict": state}
+        unet = unet_from_checkpoint(checkpoint, use_ema=False).float()
+        meta = self.metadata() | {"weights": "raw"}
+        return export_domain_model(unet, out_dir, self.text_features, meta)
+
     # --- checkpoints ------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
+    def _unet_config(self) -> dict[str, Any]:
         # the domain model's constructor arguments (NullTextUNet: unet_config, init; the SD3
         # null-text transformer: transformer_config, context_length, init)
         model = self.domain_unet
-        checkpoint["null_text_unet_config"] = model.extract_init_dict(dict(model.config))[0]
+        return model.extract_init_dict(dict(model.config))[0]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["null_text_unet_config"] = self._unet_config()
         checkpoint["text_features"] = self.text_features
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
