@@ -18,40 +18,14 @@ from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from idgen.models import build_tiny_sd
+from idgen.models.layouts import SD15_TEXT, SD15_UNET, SD15_VAE
 from idgen.models.loading import sd_pipeline
-from idgen.models.tiny import SD15_SCHEDULER_CONFIG, SD15_UNET_LAYOUT, SD15_VAE_LAYOUT
+from idgen.models.tiny import SD15_SCHEDULER_CONFIG
 from idgen.models.tokenizer import build_tiny_clip_tokenizer
 
 Geometry = Literal["tiny", "sd15"]
 
-# stable-diffusion-v1-5/unet/config.json (diffusers layout), the fields that set its shapes.
-# (the block layout every SD1.5-family UNet/VAE shares lives in idgen.models.tiny)
-SD15_UNET = dict(
-    SD15_UNET_LAYOUT,
-    sample_size=64,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    cross_attention_dim=768,
-)
-# stable-diffusion-v1-5/vae/config.json
-SD15_VAE = dict(
-    SD15_VAE_LAYOUT,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    norm_num_groups=32,
-    sample_size=512,
-)
-# CLIP ViT-L/14's text tower (SD1.5's text encoder); the vocabulary is the tiny offline one,
-# which changes only the embedding table's row count, not the cost of a forward pass.
-SD15_TEXT = dict(
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    projection_dim=768,
-)
+# SD1.5's true-size shapes live with the other families' in idgen.models.layouts.
 
 
 def build_sd(

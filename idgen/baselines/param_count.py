@@ -21,34 +21,10 @@ from idgen.baselines.methods import (
     LoRA,
     TextualInversion,
 )
+from idgen.models.layouts import SD15_UNET
 
 # stable-diffusion-v1-5/unet/config.json (fields that shape the parameters)
-SD15_UNET_CONFIG = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    center_input_sample=False,
-    flip_sin_to_cos=True,
-    freq_shift=0,
-    down_block_types=(
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ),
-    mid_block_type="UNetMidBlock2DCrossAttn",
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    only_cross_attention=False,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    downsample_padding=1,
-    mid_block_scale_factor=1,
-    act_fn="silu",
-    norm_num_groups=32,
-    norm_eps=1e-5,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
+SD15_UNET_CONFIG = SD15_UNET
 SD15_TEXT_HIDDEN = 768  # CLIP ViT-L/14 token embedding width
 
 

@@ -21,6 +21,8 @@ from diffusers import DDPMScheduler
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from idgen.data.latents import latents_from_batch as data_latents
+from idgen.memory.optim import build_optimizer, fused_backward_optimizer
+from idgen.memory.settings import MemorySettings, frozen_dtype
 from idgen.modules.diffusion_loss import denoising_loss
 from idgen.modules.flow_matching import flow_matching_loss, flow_sigmas
 from idgen.utils.dtypes import parse_dtype
@@ -115,8 +117,10 @@ class DiffusionTrainingModule(L.LightningModule):
         output_dir: str | None = None,
         export_on_fit_end: bool = True,
         export_dir_name: str = "export",
+        memory: MemorySettings | dict | None = None,
     ) -> None:
         super().__init__()
+        self.memory = MemorySettings.from_config(memory)
         self.model_loader = model_loader
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -136,15 +140,27 @@ class DiffusionTrainingModule(L.LightningModule):
         self.export_path: Path | None = None
 
     @staticmethod
-    def guard_frozen_dtype(name: str | torch.dtype, field: str) -> torch.dtype:
+    def guard_frozen_dtype(name: str | torch.dtype, field: str) -> torch.dtype | str:
         """The dtype of frozen parts that include the SD VAE: float16 is refused (its decoder
-        overflows to NaN in half precision; diffusers upcasts it for the same reason)."""
+        overflows to NaN in half precision; diffusers upcasts it for the same reason).
+        ``"auto"`` stays as it is until :meth:`resolve_frozen_dtype` knows the run."""
+        if name == "auto":
+            return name
         dtype = parse_dtype(name, field)
         if dtype == torch.float16:
             raise ValueError(
                 f"{field}=float16 makes the SD VAE produce NaNs; use float32 or bfloat16."
             )
         return dtype
+
+    def resolve_frozen_dtype(self, dtype: torch.dtype | str) -> torch.dtype:
+        """``"auto"``: bfloat16 on an accelerator in a ``bf16-*`` run, float32 otherwise."""
+        if dtype != "auto":
+            return dtype
+        if self._trainer is None:
+            return torch.float32
+        precision = str(self.trainer.precision)
+        return frozen_dtype("auto", precision, self.trainer.strategy.root_device.type)
 
     # --- output -----------------------------------------------------------------------------
     def resolve_output_dir(self) -> Path:
@@ -295,7 +311,31 @@ class DiffusionTrainingModule(L.LightningModule):
         raise NotImplementedError
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
-        return self.optimizer_factory(params=params)
+        """``memory.optimizer`` over ``params`` (``config``: ``module.optimizer`` as written);
+        with ``memory.fused_backward`` stepped per parameter inside the backward pass."""
+        if self.memory.fused_backward:
+            return fused_backward_optimizer(
+                self.memory.optimizer, params, self.optimizer_factory, self._fused_grad_check
+            )
+        return build_optimizer(self.memory.optimizer, params, self.optimizer_factory)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        optimizer.zero_grad(set_to_none=self.memory.set_to_none)
+
+    def _fused_grad_check(self, param: torch.nn.Parameter) -> bool:
+        """The non-finite guard of the fused backward pass, per parameter: each parameter is
+        updated as soon as its gradient exists, so a NaN/inf found here may follow updates of
+        parameters whose gradients came earlier in the same backward pass."""
+        if bool(torch.isfinite(param.grad).all()):
+            return True
+        if self.nonfinite_loss == "stop":
+            raise NonFiniteLossError(
+                self._nonfinite_message("A gradient")
+                + " (memory.fused_backward: parameters whose gradients came earlier in this "
+                "backward pass were already updated.)"
+            )
+        self.nonfinite_skipped += 1
+        return False
 
     def configure_optimizers(self):
         optimizer = self.make_optimizer(self.trainable_parameters())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,14 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
     validation grids (the ``DecoupledGuidanceSampling`` callback, through
     :meth:`export_weights_context`) and export then use; without it they use the raw weights.
     Only the null-text UNet, EMA, optimizer/scheduler state and RNG states are checkpointed.
+
+    Memory: ``F^T`` is fixed, so the text encoder encodes the prompt (when there is no stage-1
+    file) and is dropped; the base UNet is dropped once copied. When the validation-grid
+    callback asks for them (:attr:`keep_sampling_parts`, set in its ``setup``), the base pipeline
+    is kept instead, frozen in ``vae_dtype``, outside the module (Lightning does not move it to
+    the device), and :meth:`sampling_pipeline` hands it (its VAE is the module's) to the
+    callback, which moves them on and off the device around each grid: one copy of SD in the
+    process, not two.
     """
 
     frozen_names = ("vae",)
@@ -43,9 +50,8 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
         init: str = "value",
         calibration_batches: int = 4,
         train_embeddings: bool = True,
-        use_8bit_adam: bool = False,
         gradient_checkpointing: bool = False,
-        vae_dtype: str = "float32",
+        vae_dtype: str | None = None,
         **training: Any,
     ) -> None:
         # ``training``: DiffusionTrainingModule's keyword arguments (noise_offset, snr_gamma,
@@ -54,20 +60,21 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
         super().__init__(model_loader, optimizer, lr_scheduler, **training)
         if init not in ("value", "calibrated"):
             raise ValueError(f"module.init={init!r}: use 'value' or 'calibrated'.")
-        self.vae_dtype = self.guard_frozen_dtype(vae_dtype, "module.vae_dtype")
-        if use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
-            raise ImportError(
-                "module.use_8bit_adam=true needs bitsandbytes (pip install bitsandbytes, CUDA "
-                "only); set module.use_8bit_adam=false to use torch AdamW."
-            )
+        # frozen parts' dtype: vae_dtype, else memory.frozen_dtype (conf/memory)
+        self.vae_dtype = self.guard_frozen_dtype(
+            vae_dtype or self.memory.frozen_dtype, "module.vae_dtype"
+        )
         self.save_hyperparameters(ignore=["model_loader", "optimizer", "lr_scheduler"])
         self.text_features_path = text_features
         self.prompt = prompt_template.format(domain=domain)
         self.init = init
         self.calibration_batches = calibration_batches
         self.train_embeddings = train_embeddings
-        self.use_8bit_adam = use_8bit_adam
         self.gradient_checkpointing = gradient_checkpointing
+        #: set by the validation-grid callback before setup: keep the frozen base UNet and
+        #: text encoder for :meth:`sampling_pipeline` instead of dropping them
+        self.keep_sampling_parts = False
+        self._sampling_pipe: Any = None
         self.domain_unet: NullTextUNet | None = None
         self.text_features: torch.Tensor | None = None
         self.family: ModelFamily | None = None
@@ -94,7 +101,8 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
             return
         pipe = self.model_loader()
         self.family = family_of(pipe)
-        self.vae = freeze(pipe.vae.to(self.vae_dtype))
+        dtype = self.resolve_frozen_dtype(self.vae_dtype)  # memory.frozen_dtype
+        self.vae = freeze(pipe.vae.to(dtype))
         self._setup_noise(pipe)
         self._attach_vae_to_data()
 
@@ -121,23 +129,26 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
         self.domain_unet.set_embeddings_trainable(self.train_embeddings)
         if self.gradient_checkpointing:
             self.domain_unet.enable_gradient_checkpointing()
+        if self.memory.compile:
+            self.domain_unet.compile()
         self.domain_unet.train()
+
+        # 3. What validation grids sample with, kept only when asked (a pipeline is not a
+        #    submodule: not moved to the device with the module, not checkpointed).
+        if self.keep_sampling_parts:
+            for name, part in pipe.components.items():
+                if isinstance(part, nn.Module) and name != "vae":  # the VAE is self.vae
+                    freeze(part.to(dtype))
+            self._sampling_pipe = pipe
+        del pipe  # otherwise the text encoder(s) and the base UNet are freed here
+
+    def sampling_pipeline(self) -> Any:
+        """The frozen base pipeline (its VAE is the module's) for validation grids, or ``None``
+        when it was not kept (``keep_sampling_parts`` was not set)."""
+        return self._sampling_pipe
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.domain_unet.parameters() if p.requires_grad]
-
-    def make_optimizer(self, params) -> torch.optim.Optimizer:
-        if self.use_8bit_adam:
-            import bitsandbytes as bnb
-
-            optimizer = self.optimizer_factory(params=params)
-            defaults = {
-                k: v
-                for k, v in optimizer.defaults.items()
-                if k in ("lr", "betas", "eps", "weight_decay")
-            }
-            return bnb.optim.AdamW8bit(params, **defaults)
-        return self.optimizer_factory(params=params)
 
     # --- EMA --------------------------------------------------------------------------------
     def ema_target(self) -> NullTextUNet | None:

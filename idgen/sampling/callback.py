@@ -137,10 +137,22 @@ class DecoupledGuidanceSampling(Callback):
         params["batch_size"] = self._pad_to  # recorded, not hashed (see batch_size above)
         return params, digest
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Runs before the module's setup: a training module that can lend its frozen SD parts
+        # keeps them for the grids, so the process holds one copy of SD, not two.
+        if stage == "fit" and self.every_n_train_steps and self.val_plan is not None:
+            if hasattr(pl_module, "keep_sampling_parts"):
+                pl_module.keep_sampling_parts = True
+
     def build_pipeline(self, pl_module: L.LightningModule, predict: bool) -> InDomainPipeline:
-        """The pipeline around the module's current ``domain_unet`` (built once, on its device)."""
+        """The pipeline around the module's current ``domain_unet`` (built once, on its device).
+
+        The frozen SD is the training module's own (``sampling_pipeline()``) during fit when it
+        has one, else ``sd`` (loaded here)."""
         if self._parts is None:
-            self._parts = load_components(self.sd, self.settings, self.baseline_model)
+            lent = None if predict else getattr(pl_module, "sampling_pipeline", lambda: None)()
+            sd = lent if lent is not None else self.sd
+            self._parts = load_components(sd, self.settings, self.baseline_model)
         parts = self._parts
         domain = getattr(pl_module, "domain_unet", None)
         if self.pipe is None:
@@ -317,6 +329,7 @@ class DecoupledGuidanceSampling(Callback):
                 items = self.sample([plan.item(i) for i in range(len(plan))], len(plan))
         finally:
             domain.train(was_training)
+            self._release_device(pl_module)
         if not trainer.is_global_zero:
             return []
         out_dir = (self.out_dir or Path(trainer.default_root_dir)) / "validation"
@@ -339,6 +352,17 @@ class DecoupledGuidanceSampling(Callback):
             captions.append(caption)
         log_images(trainer.loggers, "validation/decoupled_grid", grids, captions, step=step)
         return paths
+
+    def _release_device(self, pl_module: L.LightningModule) -> None:
+        """After a grid on an accelerator: the frozen base UNet and text encoder(s) go back to
+        host memory (training needs the device memory); the VAE stays, training uses it."""
+        if pl_module.device.type == "cpu" or self.pipe is None:
+            return
+        for name, module in self.pipe.components.items():
+            if isinstance(module, nn.Module) and name not in ("domain_unet", "vae"):
+                module.to("cpu")
+        for module in self._parts.modules():
+            module.to("cpu")
 
 
 def _find_plan(trainer: L.Trainer) -> SamplingPlan:

@@ -1,0 +1,194 @@
+"""The memory plan of an ``idgen-train`` config: printed with ``plan=true``, logged at the start
+of every run, and a clear stop when the run cannot fit the device's free memory."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from idgen.memory.plan import CUDA_OVERHEAD, GB, Plan, RunShape, estimate, gpu_fits, lowest
+from idgen.memory.settings import MemorySettings, check_run
+from idgen.memory.sizes import (
+    ModelSizes,
+    sizes_from_folder,
+    sizes_from_layout,
+    sizes_from_pipeline,
+)
+from idgen.models.layouts import TRUE_SIZE
+from idgen.utils.validation import ConfigError, UserInputError
+
+log = logging.getLogger(__name__)
+
+#: a folder's model_index.json ``_class_name`` -> the family idgen plans it as
+PIPELINE_FAMILIES = {
+    "StableDiffusionPipeline": "sd15",
+    "StableDiffusionXLPipeline": "sdxl",
+}
+
+
+class MemoryPlanError(UserInputError, MemoryError):
+    """The run's planned peak memory exceeds what the device has free."""
+
+
+def settings_of(cfg: DictConfig) -> MemorySettings:
+    """``cfg.memory`` with the module's own values where it sets them (an experiment's
+    ``module.gradient_checkpointing=true`` wins over the preset)."""
+    node = OmegaConf.to_container(cfg.get("memory") or {}, resolve=True)
+    module = cfg.get("module") or {}
+    if "gradient_checkpointing" in module:
+        node["gradient_checkpointing"] = bool(module.gradient_checkpointing)
+    settings = MemorySettings.from_config(node)
+    check_run(settings, cfg.get("trainer") or {})
+    return settings
+
+
+def model_sizes(cfg: DictConfig, family: str | None = None) -> ModelSizes:
+    """Parameter shapes of the configured base model, or of ``family``'s true size."""
+    if family is not None:
+        if family not in TRUE_SIZE:
+            raise ConfigError("plan", family, "is not a family idgen can plan", _plan_fix())
+        return sizes_from_layout(family)
+    model = cfg.model
+    pretrained = model.get("pretrained")
+    if pretrained and (Path(str(pretrained)) / "unet" / "config.json").is_file():
+        folder = Path(str(pretrained))
+        return sizes_from_folder(folder, _folder_family(folder))
+    if pretrained:  # a hub id: the family's published layout (nothing downloaded)
+        return sizes_from_layout(str(model.get("family", "sd15")))
+    from hydra.utils import instantiate
+
+    return sizes_from_pipeline(instantiate(model)())  # a built model (tiny): cheap to build
+
+
+def _folder_family(folder: Path) -> str:
+    import json
+
+    index = folder / "model_index.json"
+    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    return PIPELINE_FAMILIES.get(str(name), "sd15")
+
+
+def _plan_fix() -> str:
+    return f"Use plan=true (the configured model) or one of {sorted(TRUE_SIZE)}."
+
+
+def _validation_on(cfg: DictConfig) -> bool:
+    node = (cfg.get("callbacks") or {}).get("decoupled_sampling")
+    return bool(node and node.get("every_n_train_steps") and node.get("val_prompts"))
+
+
+def _optimizer_class(cfg: DictConfig) -> str:
+    target = str(((cfg.get("module") or {}).get("optimizer") or {}).get("_target_", "AdamW"))
+    return target.rsplit(".", 1)[-1]
+
+
+def run_shapes(cfg: DictConfig) -> list[RunShape]:
+    """One :class:`RunShape` per stage the config runs."""
+    trainer = cfg.get("trainer") or {}
+    accelerator = str(trainer.get("accelerator", "cpu"))
+    if accelerator == "auto":
+        import torch
+
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    data = cfg.data
+    common = dict(
+        batch=int(data.batch_size),
+        resolution=int(data.resolution),
+        precision=str(trainer.get("precision", "32-true")),
+        accelerator=accelerator,
+        config_optimizer=_optimizer_class(cfg),
+    )
+    stage = cfg.get("stage", "all")
+    shapes = []
+    if stage in ("inversion", "all"):
+        shapes.append(RunShape(stage="inversion", validation=False, **common))
+    if stage in ("finetune", "all") and "NullText" in str(
+        (cfg.get("module") or {}).get("_target_")
+    ):
+        shapes.append(RunShape(stage="finetune", validation=_validation_on(cfg), **common))
+    return shapes
+
+
+def runtime_bytes() -> float:
+    """This process's resident memory now: Python, torch and the libraries already imported."""
+    import psutil
+
+    return float(psutil.Process().memory_info().rss)
+
+
+def plans_for(cfg: DictConfig, family: str | None = None) -> list[tuple[Plan, dict[int, str]]]:
+    """The plan of each stage of ``cfg`` and which GPU sizes it fits."""
+    settings = settings_of(cfg)
+    sizes = model_sizes(cfg, family)
+    runtime = runtime_bytes()
+    out = []
+    for shape in run_shapes(cfg):
+        plan = estimate(sizes, settings, shape, runtime)
+        out.append((plan, gpu_fits(sizes, settings, shape)))
+    return out
+
+
+def free_bytes(accelerator: str) -> tuple[float, str]:
+    """Free memory of the training device: CUDA's free memory, or the host's available RAM
+    plus what this process already holds (the plan counts it)."""
+    if accelerator not in ("cpu",):
+        import torch
+
+        if torch.cuda.is_available():
+            free, _ = torch.cuda.mem_get_info()
+            return float(free) - CUDA_OVERHEAD, "free GPU memory (less the CUDA context)"
+    import psutil
+
+    return float(psutil.virtual_memory().available) + runtime_bytes(), "available RAM"
+
+
+def plan_or_stop(cfg: DictConfig) -> bool:
+    """Log the plan; ``plan=true`` prints it and returns True (nothing else runs); a run whose
+    planned peak exceeds the device's free memory stops here with the table (exit 2)."""
+    requested = cfg.get("plan", False)
+    family = requested if isinstance(requested, str) and requested != "true" else None
+    from idgen.preflight import base_geometry
+
+    configured = base_geometry(cfg.get("model")).get("family")
+    if family is None and configured is not None and configured not in TRUE_SIZE:
+        # no layout to plan from yet (SD3's MMDiT): say so and train without a plan
+        log.info("memory plan: not available for model family %s yet", configured)
+        return bool(requested)
+    settings = settings_of(cfg)  # bad memory options: one clear error, before anything else
+    plans = plans_for(cfg, family)
+    text = "\n".join(plan.table(fits) for plan, fits in plans)
+    if requested:
+        print(text)
+        return True
+    log.info("%s", text)
+    if not plans:
+        return False
+    worst = max(plans, key=lambda pf: pf[0].peak)[0]
+    free, what = free_bytes(worst.shape.accelerator)
+    if worst.peak <= free:
+        return False
+    sizes = model_sizes(cfg)
+    least = lowest(sizes, settings, worst.shape, runtime_bytes())
+    if least.peak > free:
+        hint = (
+            f"not even idgen's lowest-memory settings fit ({least.peak / GB:.1f} GB planned): "
+            "lower data.batch_size or data.resolution, or use a larger device"
+        )
+    else:
+        hint = "try memory=low (or the overrides listed per GPU size below)"
+    raise MemoryPlanError(
+        f"the run needs about {worst.peak / GB:.1f} GB but {what} is {free / GB:.1f} GB; "
+        f"{hint}. Plan:\n{text}"
+    )
+
+
+def describe(plans: list[tuple[Plan, dict[int, str]]]) -> list[dict[str, Any]]:
+    """The plans as plain data (benchmarks, tests)."""
+    return [
+        {"stage": p.shape.stage, "peak_gb": p.peak / GB, "phase": p.phase, "fits": fits}
+        | {k: v / GB for k, v in p.parts.items()}
+        for p, fits in plans
+    ]
