@@ -75,6 +75,7 @@ def build_tiny_sd3(
     shift: float = 3.0,
     use_dynamic_shifting: bool = False,
     t5: bool = False,
+    family: str = "sd3",
 ) -> StableDiffusion3Pipeline:
     """Build a ``StableDiffusion3Pipeline`` with tiny random weights in SD3 geometry.
 
@@ -86,7 +87,10 @@ def build_tiny_sd3(
     ``FlowMatchEulerDiscreteScheduler`` (``shift``; ``use_dynamic_shifting`` picks the shift
     from the image size, as SD3.5/FLUX configs may). Deterministic for ``seed``, no download;
     ``save_pretrained`` writes a folder ``StableDiffusion3Pipeline.from_pretrained`` loads.
+    ``family`` is the config's ``model.family`` (read by checks without building the model).
     """
+    if family != "sd3":
+        raise ValueError(f"model.family={family!r}: the tiny SD3 preset is of family 'sd3'.")
     tokenizer = build_tiny_clip_tokenizer()
     tokenizer_2 = build_tiny_clip_tokenizer()
     with torch.random.fork_rng(devices=[]):
