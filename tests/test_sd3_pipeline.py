@@ -174,7 +174,7 @@ def test_guidance_list_and_intervals(sd, prompt_domain):
 
 def test_bad_calls(sd):
     pipe = _ours(sd)
-    with pytest.raises(ValueError, match="no domain_unet"):
+    with pytest.raises(ValueError, match="no domain_transformer"):
         pipe(PROMPT, w_d=2.0, w_c=3.0, num_inference_steps=2)
     with pytest.raises(ValueError, match="weights='fixed' needs a number"):
         pipe(PROMPT, w_d=0, weights="fixed", num_inference_steps=2)

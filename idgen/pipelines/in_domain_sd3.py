@@ -348,6 +348,11 @@ class InDomainSD3Pipeline(DiffusersCallMixin, StableDiffusion3Pipeline):
         call_text, uncond = _Text(embeds, pooled), _Text(neg_embeds, neg_pooled)
 
         # 3. Guidance terms (InDomainPipeline's rules) and what each runs
+        if guidance is None and w_d not in (None, 0) and self.domain_transformer is None:
+            raise ValueError(
+                "w_d: the pipeline has no domain_transformer; pass domain_transformer="
+                "NullTextSD3Transformer... when building it or set w_d=0 / None."
+            )
         terms = InDomainPipeline._guidance_terms(
             self,
             guidance,
