@@ -8,21 +8,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from idgen.models import NullTextUNet
-from idgen.models.tiny_sdxl import SDXL_UNET_LAYOUT
-
-# stable-diffusion-xl-base-1.0/unet/config.json beyond the shared layout
-SDXL_BASE_UNET = dict(
-    SDXL_UNET_LAYOUT,
-    sample_size=128,
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-    norm_num_groups=32,
-)
+from idgen.models.layouts import SDXL_UNET  # stable-diffusion-xl-base-1.0/unet/config.json
 
 
 def _removed_per_block(dim: int, context: int = 2048) -> int:
@@ -33,9 +19,9 @@ def _removed_per_block(dim: int, context: int = 2048) -> int:
 
 def test_true_size_sdxl_null_text_conversion_on_meta():
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SDXL_BASE_UNET)
+        unet = UNet2DConditionModel(**SDXL_UNET)
     total = sum(p.numel() for p in unet.parameters())
-    assert 2.5e9 < total < 2.65e9  # SDXL's 2.6B UNet (10.3 GB in fp32)
+    assert total == 2_567_463_684  # SDXL base 1.0's UNet (10.3 GB in fp32)
 
     features = torch.empty(1, 77, 2048, device="meta")
     pooled = torch.empty(1, 1280, device="meta")
