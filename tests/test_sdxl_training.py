@@ -156,3 +156,44 @@ def test_stage2_sdxl_trains_with_time_ids_and_exports(tmp_path, images):
     assert not torch.equal(module.domain_unet.pooled_embedding.detach(), start)
     back = NullTextUNet.from_pretrained(tmp_path / "out" / "domain_model")
     assert back.pooled_embedding is not None
+
+
+def test_calibrated_init_on_sdxl_gets_each_images_time_ids(tmp_path, images):
+    data = DomainImageDataModule(images.root, resolution=64, batch_size=2)  # centre crops
+    pipe = build_tiny_sdxl(seed=0)
+    seen = _record_unet_inputs(pipe.unet)
+    module = NullTextFinetuneModule(
+        model_loader=lambda: pipe,
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+        domain="cat",
+        init="calibrated",
+        calibration_batches=2,
+        output_dir=str(tmp_path / "out"),
+    )
+    quiet_trainer(tmp_path, max_steps=1).fit(module, datamodule=data)
+    # the source UNet ran over the first two batches with their size conditioning
+    first = [b for _, b in zip(range(2), data.train_dataloader(), strict=False)]
+    expected = torch.cat([_expected_time_ids(b) for b in first])
+    assert torch.equal(seen[0]["added_cond_kwargs"]["time_ids"], expected)
+    assert seen[0]["added_cond_kwargs"]["text_embeds"].shape == (4, 32)
+    assert len({tuple(r) for r in expected.tolist()}) > 1  # the images' sizes differ
+
+
+def test_calibrated_equals_value_for_one_token_on_sdxl(sdxl):
+    """One context token: attention has nothing to choose, so the mean attn2 output is
+    to_out(to_v(F)) at every position: the calibrated E_l equal the value E_l."""
+    g = torch.Generator().manual_seed(0)
+    token, pooled = torch.randn(1, 1, 64, generator=g), torch.randn(1, 32, generator=g)
+    latents = torch.randn(4, 4, 8, 8, generator=g)
+    ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]]).expand(4, -1)
+    value = NullTextUNet.from_unet(sdxl.unet, token, pooled_features=pooled)
+    calibrated = NullTextUNet.from_unet(
+        sdxl.unet,
+        token,
+        init="calibrated",
+        calibration_latents=latents,
+        calibration_time_ids=ids,
+        pooled_features=pooled,
+    )
+    for a, b in zip(value.embedding_parameters(), calibrated.embedding_parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

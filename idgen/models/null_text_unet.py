@@ -158,8 +158,12 @@ def calibrated_embeddings(
     noise_scheduler: Any | None = None,
     generator: torch.Generator | None = None,
     batch_size: int = 8,
+    pooled_features: torch.Tensor | None = None,
+    time_ids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Mean attn2 output of every transformer block over noisy calibration latents.
+
+    An SDXL-family UNet also gets the pooled ``F^T`` and each latent's ``time_ids`` (``[N, 6]``).
 
     Clean latents are noised to uniformly random timesteps with ``noise_scheduler`` (SD1.5's
     DDPM schedule when ``None``); the mean runs over the batch and all spatial positions, so it
@@ -193,7 +197,13 @@ def calibrated_embeddings(
             noisy = noise_scheduler.add_noise(latents, noise.to(latents), t)
             # 2. Run the source UNet with F^T as context; the hooks accumulate attn2 outputs.
             context = text_features.to(param).expand(latents.shape[0], -1, -1)
-            unet(noisy, t.to(param.device), encoder_hidden_states=context)
+            added = None
+            if pooled_features is not None:
+                added = {
+                    "text_embeds": pooled_features.to(param).expand(latents.shape[0], -1),
+                    "time_ids": time_ids[start : start + batch_size].to(param),
+                }
+            unet(noisy, t.to(param.device), encoder_hidden_states=context, added_cond_kwargs=added)
     finally:
         for h in hooks:
             h.remove()
@@ -255,6 +265,7 @@ class NullTextUNet(ModelMixin, ConfigMixin):
         noise_scheduler: Any | None = None,
         generator: torch.Generator | None = None,
         pooled_features: torch.Tensor | None = None,
+        calibration_time_ids: torch.Tensor | None = None,
     ) -> NullTextUNet:
         """Copy ``unet`` into a null-text UNet with ``E_l`` initialised from ``text_features``
         (and, for an SDXL UNet, its pooled vector from ``pooled_features``).
@@ -289,10 +300,10 @@ class NullTextUNet(ModelMixin, ConfigMixin):
                 "The source UNet takes a pooled text embedding (SDXL); pass pooled_features "
                 "(the pooled F^T, [1, P]) to initialise the null-text UNet's pooled vector."
             )
-        if added == TEXT_TIME and init == "calibrated":
+        if added == TEXT_TIME and init == "calibrated" and calibration_time_ids is None:
             raise ValueError(
-                "init='calibrated' is implemented for SD1.5-family UNets only; use init='value' "
-                "for an SDXL base (module.init=value)."
+                "init='calibrated' on an SDXL UNet needs calibration_time_ids (each calibration "
+                "latent's original size, crop and target size, [N, 6])."
             )
         text_features = _as_tokens(text_features, unet.config.cross_attention_dim)
         source_blocks = transformer_blocks(unet)
@@ -304,7 +315,13 @@ class NullTextUNet(ModelMixin, ConfigMixin):
             embeddings = {n: value_embedding(b.attn2, text_features) for n, b in source_blocks}
         else:
             embeddings = calibrated_embeddings(
-                unet, text_features, calibration_latents, noise_scheduler, generator
+                unet,
+                text_features,
+                calibration_latents,
+                noise_scheduler,
+                generator,
+                pooled_features=pooled_features if added == TEXT_TIME else None,
+                time_ids=calibration_time_ids,
             )
 
         # 2. Same architecture built on the meta device (no random init), then filled with

@@ -78,6 +78,7 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
         self.domain_unet: NullTextUNet | None = None
         self.text_features: torch.Tensor | None = None
         self.family: ModelFamily | None = None
+        self._calibration_time_ids: torch.Tensor | None = None
         #: set by the ``EMAWeights`` callback at fit start (``None``: no EMA, raw weights)
         self.ema: EMA | None = None
 
@@ -89,11 +90,13 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
                 "module.init='calibrated' needs the training images: fit with a datamodule, "
                 "or use module.init='value'."
             )
-        latents = []
+        latents, time_ids = [], []
         for i, batch in enumerate(datamodule.train_dataloader()):
             if i >= self.calibration_batches:
                 break
             latents.append(self.latents_from_batch(batch))
+            time_ids.append(self.family.batch_time_ids(batch))  # None for SD1.5
+        self._calibration_time_ids = None if time_ids[0] is None else torch.cat(time_ids)
         return torch.cat(latents)
 
     def setup(self, stage: str) -> None:
@@ -117,6 +120,9 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
 
         # 2. The null-text UNet, copied from the SD UNet (which is dropped afterwards).
         calibration = self._calibration_latents() if self.init == "calibrated" else None
+        calibration_conditions = {}  # SDXL: each calibration image's size conditioning
+        if self._calibration_time_ids is not None:
+            calibration_conditions["calibration_time_ids"] = self._calibration_time_ids
         generator = torch.Generator().manual_seed(self.seed)
         self.domain_unet = self.family.null_text_model(
             self.family.denoiser(pipe),
@@ -125,6 +131,7 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
             calibration_latents=calibration,
             generator=generator,
             pooled_features=None if pooled is None else pooled.float(),
+            **calibration_conditions,
         ).float()
         self.domain_unet.set_embeddings_trainable(self.train_embeddings)
         if self.gradient_checkpointing:
