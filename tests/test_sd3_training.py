@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -255,3 +256,49 @@ def test_sd3_checkpoint_exports_as_the_run_did(tmp_path, trained):
     assert isinstance(ours, NullTextSD3Transformer)
     a, b = ours.state_dict(), theirs.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- the objective decides what a stage builds -------------------------------------------------
+
+
+class _Records(logging.Handler):
+    """Every record a logger (and its children) emits, kept for the test."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_sd3_stage_setup_builds_no_ddpm_table():
+    """A stage on an SD3 base asks the family's objective (flow matching) and builds no
+    DDPMScheduler from the flow-matching config, so diffusers' warning about its `shift` is gone
+    at its cause; diffusers' logger itself is untouched (the probe shows it still warns)."""
+    from diffusers import DDPMScheduler
+
+    pipe = build_tiny_sd3(seed=0)
+    seen = _Records()
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(seen)
+    try:
+        DDPMScheduler.from_config(pipe.scheduler.config)  # the probe: what a DDPM table costs
+        assert any(
+            "{'shift': 3.0} were passed to DDPMScheduler" in r.getMessage() for r in seen.records
+        )
+        seen.records.clear()
+        adamw = functools.partial(torch.optim.AdamW, lr=1e-3)
+        stage1 = TextFeatureInversionModule(model_loader=lambda: pipe, optimizer=adamw)
+        stage1.setup("fit")
+        stage2 = NullTextFinetuneModule(
+            model_loader=lambda: build_tiny_sd3(seed=0), optimizer=adamw
+        )
+        stage2.setup("fit")
+    finally:
+        logger.removeHandler(seen)
+    assert [r.getMessage() for r in seen.records if r.levelno >= logging.WARNING] == []
+    for module in (stage1, stage2):
+        assert torch.equal(module.flow_sigmas, flow_sigmas(pipe.scheduler.config))
+        assert not hasattr(module, "alphas_cumprod")  # no DDPM table on a flow-matching base
+        assert module.metadata()["prediction_type"] == "flow_matching"

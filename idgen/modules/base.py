@@ -211,16 +211,20 @@ class DiffusionTrainingModule(L.LightningModule):
     # --- setup helpers ----------------------------------------------------------------------
     def _setup_noise(self, pipe: Any) -> None:
         self.scheduler_config = dict(pipe.scheduler.config)
-        noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
-        self.prediction_type = noise_scheduler.config.prediction_type
-        # Families trained by flow matching (SD3) draw sigmas from their scheduler's table.
         family = getattr(self, "family", None)
-        flow = family is not None and family.training_objective == "flow_matching"
-        self.flow_sigmas = flow_sigmas(self.scheduler_config) if flow else None
         self.base_traits = family.base_traits(pipe) if family is not None else {}
-        self.register_buffer(
-            "alphas_cumprod", noise_scheduler.alphas_cumprod.float().clone(), persistent=False
-        )
+        if family is not None and family.training_objective == "flow_matching":
+            # SD3: sigmas from the flow-matching scheduler's own table; no DDPM table (a
+            # DDPMScheduler built from this config would only warn about its `shift`).
+            self.flow_sigmas = flow_sigmas(self.scheduler_config)
+            self.prediction_type = "flow_matching"  # the velocity noise - x0 (metadata)
+        else:
+            noise_scheduler = DDPMScheduler.from_config(self.scheduler_config)
+            self.flow_sigmas = None
+            self.prediction_type = noise_scheduler.config.prediction_type
+            self.register_buffer(
+                "alphas_cumprod", noise_scheduler.alphas_cumprod.float().clone(), persistent=False
+            )
         # The same stream on every rank: each draws for the global batch and keeps its rows
         # (``data_shard``), so results do not depend on how many processes share a batch.
         self.noise_generator = torch.Generator().manual_seed(self.seed)
