@@ -890,10 +890,11 @@ def check_sampler_adapters(cfg: DictConfig, geometry: dict[str, Any]) -> None:
     from idgen.models.single_file import is_single_file, single_file_problem
 
     width = geometry.get("cross_attention_dim")
-    check_lora_config("sampler.lora", get(cfg, "sampler.lora"), width)
+    family = str(geometry.get("family") or "sd15")
+    check_lora_config("sampler.lora", get(cfg, "sampler.lora"), width, family)
     for i, term in enumerate(get(cfg, "sampler.extra_guidance") or []):
         term = term if isinstance(term, dict) else {}
-        check_lora_config(f"sampler.extra_guidance.{i}.lora", term.get("lora"), width)
+        check_lora_config(f"sampler.extra_guidance.{i}.lora", term.get("lora"), width, family)
         model = term.get("model")
         if model and is_single_file(model) and (why := single_file_problem(model)):
             raise ConfigError(

@@ -1,7 +1,8 @@
 """LoRA files for the frozen SD: does a file fit the base, and loading a list of them.
 
 ``lora_problem`` reads a ``.safetensors`` header only (no tensors), so preflight can refuse a
-LoRA made for another base (SDXL's second text encoder, another text width, other layer sizes)
+LoRA made for another base (parts the base's family lacks, such as SDXL's second text encoder
+on SD1.5 or a transformer LoRA on a UNet base, another text width, other layer sizes)
 in one line before anything heavy runs; ``load_loras`` is diffusers' ``load_lora_weights`` +
 ``set_adapters`` for ``sampler.lora=[{path: ..., scale: ...}]``.
 """
@@ -17,12 +18,16 @@ from typing import Any
 from idgen.models.single_file import read_single_file_header
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_weights file
-# Keys that only LoRAs of other families have.
-OTHER_FAMILY_MARKERS = {
-    "text_encoder_2.": "SDXL (a second text encoder)",
-    "lora_te2_": "SDXL (a second text encoder)",
-    "transformer.": "a transformer model (SD3 / FLUX)",
-    "lora_transformer_": "a transformer model (SD3 / FLUX)",
+# The pipeline components a LoRA may act on. A diffusers / peft key starts with one of them
+# ("text_encoder_2.<module>..."); a kohya key with its "lora_<part>_" prefix.
+LORA_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+_KOHYA_PREFIXES = {
+    "lora_unet_": "unet",
+    "lora_te_": "text_encoder",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+    "lora_te3_": "text_encoder_3",
+    "lora_transformer_": "transformer",
 }
 # diffusers / peft / kohya names of a LoRA's down (in) and up (out) matrices, with the module
 # path before them: "<module>.lora_A.weight", "<module>.lora.down.weight",
@@ -63,25 +68,61 @@ def _fits(model: Any, module_path: str, shape: list[int], down: bool) -> str | N
     return None
 
 
+def lora_targets(shapes: dict[str, Any]) -> set[str]:
+    """The pipeline components (:data:`LORA_COMPONENTS`) a LoRA's keys act on."""
+    found = set()
+    for key in shapes:
+        head = key.split(".", 1)[0]
+        if head in LORA_COMPONENTS:
+            found.add(head)
+        for prefix, component in _KOHYA_PREFIXES.items():
+            if key.startswith(prefix):
+                found.add(component)
+    return found
+
+
+def _family_problem(targets: set[str], family: str) -> str | None:
+    """Why a LoRA acting on ``targets`` cannot be for a ``family`` base (a part the family's
+    pipelines do not have, such as SDXL's ``text_encoder_2`` on SD1.5), naming its family."""
+    from idgen.models.family import FAMILIES, family_named  # diffusers: only when a LoRA is read
+
+    parts = set(family_named(family).components)
+    foreign = sorted(targets - parts)
+    if not foreign:
+        return None
+    owners = [f.name.upper() for f in FAMILIES.values() if targets <= set(f.components)]
+    what = " / ".join(owners) if owners else "another kind of model"
+    return (
+        f"is a LoRA for {what} (it has {', '.join(foreign)} weights), not for an "
+        f"{family.upper()} base"
+    )
+
+
 def lora_problem(
     shapes: dict[str, list[int]],
     cross_attention_dim: int | None = None,
     unet: Any = None,
     text_encoder: Any = None,
+    *,
+    family: str = "sd15",
+    models: dict[str, Any] | None = None,
 ) -> str | None:
-    """Why a LoRA's ``{key: shape}`` does not fit an SD1.5-family base, or ``None``.
+    """Why a LoRA's ``{key: shape}`` does not fit a base of ``family`` (``model.family``), or None.
 
-    Checks: it holds LoRA matrices at all; no keys only other families have; the UNet's
-    cross-attention key/value LoRAs take ``cross_attention_dim`` inputs; with ``unet`` /
-    ``text_encoder`` given, every LoRA matrix in diffusers' naming matches its layer's size.
+    Checks: it holds LoRA matrices at all; it acts only on parts the family's pipelines have
+    (an SDXL LoRA's ``text_encoder_2`` on SD1.5, a transformer LoRA on a UNet base); the UNet's
+    cross-attention key/value LoRAs take ``cross_attention_dim`` inputs (another family's or
+    size's text width); with the models given (``unet``, ``text_encoder``, or ``models`` by
+    component name, e.g. ``text_encoder_2``), every LoRA matrix in diffusers' or peft's naming
+    matches its layer's size.
     """
     downs = {k: m.group(1) for k in shapes if (m := _DOWN.match(k))}
     ups = {k: m.group(1) for k in shapes if (m := _UP.match(k))}
     if not downs:
         return "holds no LoRA weights (no lora_A / lora_down matrices)"
-    for marker, what in OTHER_FAMILY_MARKERS.items():
-        if any(k.startswith(marker) for k in shapes):
-            return f"is a LoRA for {what}, not for an SD1.5-family model"
+    why = _family_problem(lora_targets(shapes), family)
+    if why:
+        return why
     if cross_attention_dim is not None:
         for key, module in downs.items():
             flat = module.replace(".", "_")
@@ -91,10 +132,11 @@ def lora_problem(
                         f"was made for a base with text width {shapes[key][1]} (its cross-attention "
                         f"LoRA {key}); this base's is {cross_attention_dim}"
                     )
+    by_part = {"unet": unet, "text_encoder": text_encoder, **(models or {})}
     for table, down in ((downs, True), (ups, False)):
         for key, module in table.items():
             prefix, _, rest = module.partition(".")
-            model = {"unet": unet, "text_encoder": text_encoder}.get(prefix)
+            model = by_part.get(prefix)
             if model is not None:
                 why = _fits(model, rest, shapes[key], down)
                 if why:
@@ -108,6 +150,9 @@ def check_lora(
     unet: Any = None,
     text_encoder: Any = None,
     weight_name: str | None = None,
+    *,
+    family: str = "sd15",
+    models: dict[str, Any] | None = None,
 ) -> str | None:
     """:func:`lora_problem` of a LoRA file or folder, plus a missing or unreadable file."""
     file = lora_file(path, weight_name)
@@ -117,7 +162,29 @@ def check_lora(
         shapes = read_single_file_header(file)
     except ValueError as err:
         return str(err)
-    return lora_problem(shapes, cross_attention_dim, unet, text_encoder)
+    return lora_problem(
+        shapes, cross_attention_dim, unet, text_encoder, family=family, models=models
+    )
+
+
+def pipe_lora_problem(
+    pipe: Any, source: Any, weight_name: str | None = None, family: str | None = None
+) -> str | None:
+    """Why a LoRA (local file or folder, or state dict) does not fit ``pipe``'s models (every
+    component a LoRA may act on, in ``pipe``'s family), or None; a hub id is left to diffusers."""
+    import torch
+
+    from idgen.models.family import family_of
+
+    family = family or family_of(pipe).name
+    models = {name: getattr(pipe, name, None) for name in LORA_COMPONENTS}
+    models = {name: m for name, m in models.items() if m is not None}
+    if isinstance(source, dict):
+        shapes = {k: list(v.shape) for k, v in source.items() if isinstance(v, torch.Tensor)}
+        return lora_problem(shapes, family=family, models=models)
+    if Path(os.path.expanduser(str(source))).exists():
+        return check_lora(source, weight_name=weight_name, family=family, models=models)
+    return None
 
 
 def load_loras(pipe: Any, specs: Sequence[dict[str, Any]], field: str = "sampler.lora") -> None:
@@ -126,11 +193,11 @@ def load_loras(pipe: Any, specs: Sequence[dict[str, Any]], field: str = "sampler
     A file that does not fit raises ``ValueError`` naming ``field[i]`` before any is loaded."""
     names, scales = [], []
     for i, spec in enumerate(specs):
-        why = check_lora(
-            spec["path"],
-            unet=pipe.unet,
-            text_encoder=pipe.text_encoder,
-            weight_name=spec.get("weight_name"),
+        path = Path(os.path.expanduser(str(spec["path"])))
+        why = (
+            pipe_lora_problem(pipe, path, spec.get("weight_name"))
+            if path.exists()
+            else f"does not exist (looked for {path})"
         )
         if why:
             raise ValueError(f"{field}[{i}].path='{spec['path']}' {why}.")
@@ -149,9 +216,11 @@ def load_loras(pipe: Any, specs: Sequence[dict[str, Any]], field: str = "sampler
         pipe.set_adapters(names, adapter_weights=scales)
 
 
-def check_lora_config(key: str, entries: Any, cross_attention_dim: int | None = None) -> None:
+def check_lora_config(
+    key: str, entries: Any, cross_attention_dim: int | None = None, family: str = "sd15"
+) -> None:
     """Preflight of a ``[{path: ..., scale: ...}]`` list at config ``key`` (``sampler.lora``):
-    each file exists, holds an SD1.5-family LoRA of the base's text width, and has a finite
+    each file exists, holds a LoRA for the base's ``family`` and text width, and has a finite
     scale. Reads headers only; raises ``ConfigError`` naming ``key.<i>``."""
     import math
 
@@ -177,7 +246,12 @@ def check_lora_config(key: str, entries: Any, cross_attention_dim: int | None = 
             raise ConfigError(
                 f"{key}.{i}.scale", scale, "must be a finite number", "Pass scale: 1.0."
             )
-        why = check_lora(entry["path"], cross_attention_dim, weight_name=entry.get("weight_name"))
+        why = check_lora(
+            entry["path"],
+            cross_attention_dim,
+            weight_name=entry.get("weight_name"),
+            family=family,
+        )
         if why:
             raise ConfigError(
                 f"{key}.{i}.path",

@@ -85,6 +85,22 @@ def rescale_guided(
     return rescale_noise_cfg(noise_pred, reference, guidance_rescale=guidance_rescale)
 
 
+def replaced_rows(
+    outputs: dict[str, Any], key: str, before: torch.Tensor | None, rows: int, step: int
+) -> torch.Tensor | None:
+    """The tensor a step-end callback returned under ``key`` in place of ``before`` (popped from
+    ``outputs``), or None when it returned none or the same; it must keep one row per image."""
+    new = outputs.pop(key, before)
+    if new is before or new is None:
+        return None
+    if new.shape[0] != rows:
+        raise ValueError(
+            f"callback_on_step_end returned {key} with {new.shape[0]} rows at step {step}; this "
+            f"run needs one row per image ({rows})."
+        )
+    return new
+
+
 class DiffusersCallMixin:
     """diffusers' call-state properties for a pipeline that mixes guidance terms.
 
@@ -189,3 +205,25 @@ class DiffusersCallMixin:
                 "(w_c=0): give w_c (or guidance_scale) a weight to change it mid-run."
             )
         guider.weights[CONTROL] = cfg_weight(self._guidance_scale)
+
+
+class CheckedLoraMixin:
+    """diffusers' ``load_lora_weights`` after a check that the LoRA fits this pipeline's frozen
+    models (the family's parts and every layer's size, :func:`idgen.models.lora.pipe_lora_problem`):
+    a LoRA for another base or family is one ``ValueError`` line, and nothing is loaded. Put it
+    before the diffusers LoRA loader mixin in the bases."""
+
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict: Any,
+        adapter_name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        from idgen.models.lora import pipe_lora_problem
+
+        source = pretrained_model_name_or_path_or_dict
+        why = pipe_lora_problem(self, source, kwargs.get("weight_name"))
+        if why:
+            shown = "state dict" if isinstance(source, dict) else source
+            raise ValueError(f"LoRA '{shown}' {why}.")
+        super().load_lora_weights(source, adapter_name=adapter_name, **kwargs)

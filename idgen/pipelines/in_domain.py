@@ -43,10 +43,10 @@ from diffusers.utils import USE_PEFT_BACKEND, BaseOutput, scale_lora_layers, uns
 from diffusers.utils.torch_utils import randn_tensor
 
 from idgen.guidance import CONTROL, DOMAIN, GuidanceTerm, Guider, decoupled_terms, is_active
-from idgen.models.lora import check_lora, lora_problem
 from idgen.models.text import accepts_text, encode_text
 from idgen.pipelines.controlnet_residuals import Chunk, Control, chunk_residuals, split_multi
 from idgen.pipelines.diffusers_call import (
+    CheckedLoraMixin,
     DiffusersCallMixin,
     extra_step_kwargs,
     rescale_guided,
@@ -121,6 +121,7 @@ class InDomainPipeline(
     DiffusionPipeline,
     StableDiffusionMixin,
     TextualInversionLoaderMixin,
+    CheckedLoraMixin,
     StableDiffusionLoraLoaderMixin,
     IPAdapterMixin,
     FromSingleFileMixin,
@@ -256,38 +257,6 @@ class InDomainPipeline(
         """
         super().save_pretrained(save_directory, *args, **kwargs)
         (Path(save_directory) / PIPELINE_FILE).write_text(_PIPELINE_SHIM, encoding="utf-8")
-
-    def load_lora_weights(
-        self,
-        pretrained_model_name_or_path_or_dict: str | Path | dict[str, torch.Tensor],
-        adapter_name: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        """diffusers' ``load_lora_weights`` into the frozen SD's UNet and text encoder (so the
-        LoRA acts on the control term and the unconditional prediction, as on SD), after checking
-        that a local file, folder or state dict fits them: a LoRA for another base or family is one
-        ``ValueError`` line, and nothing is loaded."""
-        source = pretrained_model_name_or_path_or_dict
-        if isinstance(source, dict):
-            why = lora_problem(
-                {k: list(v.shape) for k, v in source.items() if isinstance(v, torch.Tensor)},
-                unet=self.unet,
-                text_encoder=self.text_encoder,
-            )
-        elif Path(str(source)).exists():
-            why = check_lora(
-                source,
-                unet=self.unet,
-                text_encoder=self.text_encoder,
-                weight_name=kwargs.get("weight_name"),
-            )
-        else:
-            why = None  # a hub id: diffusers resolves and checks it
-        if why:
-            raise ValueError(
-                f"LoRA '{source if not isinstance(source, dict) else 'state dict'}' {why}."
-            )
-        super().load_lora_weights(source, adapter_name=adapter_name, **kwargs)
 
     # ----------------------------------------------------------------------------- helpers
 

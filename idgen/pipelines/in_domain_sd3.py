@@ -43,7 +43,12 @@ from transformers import (
 
 from idgen.guidance import GuidanceTerm, Guider
 from idgen.models.text import accepts_text
-from idgen.pipelines.diffusers_call import DiffusersCallMixin, resolve_guidance_scale
+from idgen.pipelines.diffusers_call import (
+    CheckedLoraMixin,
+    DiffusersCallMixin,
+    replaced_rows,
+    resolve_guidance_scale,
+)
 from idgen.pipelines.in_domain import InDomainPipeline, InDomainPipelineOutput, WeightMode
 
 
@@ -55,7 +60,7 @@ class _Text:
     pooled: torch.Tensor
 
 
-class InDomainSD3Pipeline(DiffusersCallMixin, StableDiffusion3Pipeline):
+class InDomainSD3Pipeline(CheckedLoraMixin, DiffusersCallMixin, StableDiffusion3Pipeline):
     """Frozen SD3 + optional text-free domain transformer, multi-guidance sampling.
 
     Components: ``StableDiffusion3Pipeline``'s (``transformer``, ``scheduler``, ``vae``, the two
@@ -163,6 +168,7 @@ class InDomainSD3Pipeline(DiffusersCallMixin, StableDiffusion3Pipeline):
             do_classifier_free_guidance=False,
             clip_skip=self.clip_skip,
             max_sequence_length=max_len,
+            lora_scale=self._lora_scale_of_call,
         )
         return _Text(embeds, pooled)
 
@@ -314,8 +320,12 @@ class InDomainSD3Pipeline(DiffusersCallMixin, StableDiffusion3Pipeline):
             )
         if image is not None and not 0.0 <= strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
+        # joint_attention_kwargs' LoRA "scale" reaches the text encoders as in diffusers' SD3
         self._start_call(
-            guidance_scale if guidance_scale is not None else w_c, 0.0, clip_skip, None
+            guidance_scale if guidance_scale is not None else w_c,
+            0.0,
+            clip_skip,
+            joint_attention_kwargs,
         )
         self._joint_attention_kwargs = joint_attention_kwargs
 
@@ -344,6 +354,7 @@ class InDomainSD3Pipeline(DiffusersCallMixin, StableDiffusion3Pipeline):
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
             clip_skip=self.clip_skip,
             max_sequence_length=max_sequence_length,
+            lora_scale=self._lora_scale_of_call,
         )
         call_text, uncond = _Text(embeds, pooled), _Text(neg_embeds, neg_pooled)
 
@@ -453,6 +464,14 @@ class InDomainSD3Pipeline(DiffusersCallMixin, StableDiffusion3Pipeline):
                     outputs = callback_on_step_end(self, i, t, {k: available[k] for k in names})
                     outputs = dict(outputs or {})
                     latents = outputs.pop("latents", latents)
+                    # the call's text rows (diffusers' SD3CFGCutoffCallback hands them back)
+                    for key, field in (
+                        ("prompt_embeds", "embeds"),
+                        ("pooled_prompt_embeds", "pooled"),
+                    ):
+                        new = replaced_rows(outputs, key, available[key], rows, i)
+                        if new is not None:
+                            setattr(call_text, field, new)
                     self._apply_callback_weights(guider, i, scale_before, outputs)
                 progress_bar.update()
 

@@ -41,8 +41,10 @@ from transformers import (
 from idgen.guidance import CONTROL, GuidanceTerm, Guider
 from idgen.models.text import accepts_text
 from idgen.pipelines.diffusers_call import (
+    CheckedLoraMixin,
     DiffusersCallMixin,
     extra_step_kwargs,
+    replaced_rows,
     rescale_guided,
     resolve_guidance_scale,
 )
@@ -64,7 +66,7 @@ class _XLRun:
     controlled: bool = False  # the call's control image drives the pipeline's ControlNet here
 
 
-class InDomainXLPipeline(DiffusersCallMixin, StableDiffusionXLPipeline):
+class InDomainXLPipeline(CheckedLoraMixin, DiffusersCallMixin, StableDiffusionXLPipeline):
     """Frozen SDXL + optional null-text SDXL domain UNet, multi-guidance sampling.
 
     Components: SDXL's (``vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet,
@@ -81,8 +83,16 @@ class InDomainXLPipeline(DiffusersCallMixin, StableDiffusionXLPipeline):
         "domain_unet",
         "controlnet",
     ]
+    # What callback_on_step_end may ask for: diffusers' SDXL names (the control term's text rows
+    # ``prompt_embeds`` / ``add_text_embeds`` and the conditional ``add_time_ids``, which the
+    # domain UNet gets too; SDXL hands them over concatenated with the unconditional rows, we
+    # hand over the conditional rows, replaceable from the next step on, so diffusers'
+    # SDXLCFGCutoffCallback works), then InDomainPipeline's.
     _callback_tensor_inputs = [
         "latents",
+        "prompt_embeds",
+        "add_text_embeds",
+        "add_time_ids",
         "noise_pred",
         "eps_uncond",
         "guidance_preds",
@@ -575,8 +585,13 @@ class InDomainXLPipeline(DiffusersCallMixin, StableDiffusionXLPipeline):
 
                 # 8.6 Step-end callback (may replace the latents, change weights)
                 if callback_on_step_end is not None:
+                    control_run = runs.get(CONTROL)
+                    on_sd = control_run is not None and control_run.model is None
                     available = {
                         "latents": latents,
+                        "prompt_embeds": control_run.embeds if on_sd else None,
+                        "add_text_embeds": control_run.pooled if on_sd else None,
+                        "add_time_ids": time_ids,
                         "noise_pred": noise_pred,
                         "eps_uncond": eps_uncond,
                         "guidance_preds": preds,
@@ -589,6 +604,17 @@ class InDomainXLPipeline(DiffusersCallMixin, StableDiffusionXLPipeline):
                         callback_on_step_end(self, i, t, {k: available[k] for k in tensor_inputs})
                     )
                     latents = out.pop("latents", latents)
+                    new_ids = replaced_rows(out, "add_time_ids", time_ids, rows, i)
+                    time_ids = time_ids if new_ids is None else new_ids
+                    for key, field in (("prompt_embeds", "embeds"), ("add_text_embeds", "pooled")):
+                        new = replaced_rows(out, key, available[key], rows, i)
+                        if new is not None and not on_sd:
+                            raise ValueError(
+                                f"callback_on_step_end returned {key}, but this run's control "
+                                "term does not run on the frozen SDXL (w_c=0 or a model of its own)."
+                            )
+                        if new is not None:
+                            setattr(control_run, field, new)
                     self._apply_callback_weights(guider, i, scale_before, out)
                 progress_bar.update()
 
