@@ -291,6 +291,56 @@ def check_inversion(cfg: DictConfig) -> None:
     check_float(cfg, "inversion.optimizer.lr", optional=False, positive=True)
 
 
+def check_objective_options(cfg: DictConfig, key: str, family_name: str) -> None:
+    """A stage's (``key``: ``inversion`` or ``module``) loss options fit the base family's
+    training objective: ``snr_gamma`` (min-SNR) needs the denoising objective's noise schedule,
+    ``flow_matching.*`` the flow-matching one (SD3); the other objective's option is an error,
+    never ignored. The families are imported only when one of them is set."""
+    snr_gamma = get(cfg, f"{key}.snr_gamma", None)
+    block = get(cfg, f"{key}.flow_matching", None) or {}
+    flow_set = {k: v for k, v in dict(block).items() if v is not None}
+    if snr_gamma is None and not flow_set:
+        return
+    from idgen.models.family import family_named
+    from idgen.modules.flow_matching import LOSS_WEIGHTINGS, OPTIONS, TIMESTEP_SCHEMES
+
+    if family_named(family_name).training_objective == "flow_matching":
+        if snr_gamma is not None:
+            raise ConfigError(
+                f"{key}.snr_gamma",
+                snr_gamma,
+                f"min-SNR weighting needs the denoising objective; model family {family_name} "
+                "is trained by flow matching",
+                f"Drop it ({key}.snr_gamma=null); weight the loss with "
+                f"{key}.flow_matching.loss_weighting=sigma_sqrt|cosmap instead.",
+            )
+        unknown = sorted(set(flow_set) - set(OPTIONS))
+        if unknown:
+            raise ConfigError(
+                f"{key}.flow_matching.{unknown[0]}",
+                flow_set[unknown[0]],
+                "is not a flow-matching option",
+                f"Use {', '.join(OPTIONS)}.",
+            )
+        for option, choices in (
+            ("weighting_scheme", TIMESTEP_SCHEMES),
+            ("loss_weighting", LOSS_WEIGHTINGS),
+        ):
+            if option in flow_set:
+                check_choice(cfg, f"{key}.flow_matching.{option}", choices)
+        for option in ("logit_mean", "logit_std", "mode_scale"):
+            check_float(cfg, f"{key}.flow_matching.{option}", positive=option == "logit_std")
+        return
+    option, value = next(iter(flow_set.items()))
+    raise ConfigError(
+        f"{key}.flow_matching.{option}",
+        value,
+        f"applies to flow-matching bases (sd3) only; model family {family_name} is trained by "
+        "denoising",
+        f"Drop it ({key}.flow_matching.{option}=null); {key}.snr_gamma sets min-SNR weighting.",
+    )
+
+
 def check_finetune(cfg: DictConfig, stage: str) -> None:
     """Stage 2 (fine-tuning): optimizer steps and rate, callbacks, and the files it starts from."""
     check_finetune_optimizer(cfg)
@@ -514,6 +564,9 @@ def validate_train(cfg: DictConfig) -> None:
         check_inversion(cfg)
     if stage in ("finetune", "all"):
         check_finetune(cfg, stage)
+    stage_keys = {"inversion": ("inversion",), "finetune": ("module",)}
+    for key in stage_keys.get(stage, ("inversion", "module") if stage == "all" else ()):
+        check_objective_options(cfg, key, str(geometry.get("family") or "sd15"))
     check_trainer(cfg)
     check_logger(cfg)
 

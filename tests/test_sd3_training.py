@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -302,3 +303,73 @@ def test_sd3_stage_setup_builds_no_ddpm_table():
         assert torch.equal(module.flow_sigmas, flow_sigmas(pipe.scheduler.config))
         assert not hasattr(module, "alphas_cumprod")  # no DDPM table on a flow-matching base
         assert module.metadata()["prediction_type"] == "flow_matching"
+
+
+def test_flow_matching_options_from_the_stage_config_reach_the_loss(tmp_path):
+    """module.flow_matching.* (idgen/conf/module/finetune.yaml) sets SD3's timestep sampling and
+    loss weighting: logit-normal(2, 0.5) sigmas through the shift and sigma^-2 weights, as the
+    closed form with diffusers' own density gives them."""
+    from hydra.utils import instantiate
+
+    cfg = compose_config(
+        "train",
+        tmp_path,
+        [
+            "model=tiny_sd3",
+            "module.flow_matching.logit_mean=2.0",
+            "module.flow_matching.logit_std=0.5",
+            "module.flow_matching.loss_weighting=sigma_sqrt",
+        ],
+    )
+    module = instantiate(cfg.module, model_loader=None, memory=None, output_dir=str(tmp_path))
+    assert module.flow_matching == {
+        "logit_mean": 2.0,
+        "logit_std": 0.5,
+        "loss_weighting": "sigma_sqrt",
+    }
+    module.flow_sigmas = flow_sigmas(dict(num_train_timesteps=1000, shift=3.0))
+    latents = torch.randn(6, 16, 4, 4, generator=torch.Generator().manual_seed(1))
+    seen = {}
+
+    def predict(noisy, t):
+        seen["t"] = t
+        return torch.full_like(noisy, 0.25)
+
+    loss = module.loss_for(predict, latents, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    noise = sample_noise(latents, g)
+    u = compute_density_for_timestep_sampling("logit_normal", 6, 2.0, 0.5, generator=g)
+    s = module.flow_sigmas[(u * 1000).long()]
+    assert torch.allclose(seen["t"], 1000 * s)
+    per_sample = ((0.25 - (noise - latents)) ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(loss, (per_sample / s**2).mean(), rtol=1e-5)
+    # the table descends (sigma 1 first) and is indexed by u as diffusers' SD3 scripts do, so
+    # logit mean 2 (u ~ 0.88) draws low-noise sigmas, where logit mean 0 gives ~0.75
+    assert float(s.median()) < 0.5
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model=tiny_sd3", "module.snr_gamma=5.0"], "module.snr_gamma=5.0: min-SNR weighting "),
+        (["model=tiny_sd3", "inversion.snr_gamma=5.0"], "inversion.snr_gamma=5.0: min-SNR"),
+        (["model=tiny", "module.flow_matching.loss_weighting=cosmap"], "flow-matching bases "),
+        (["model=tiny_sd3", "module.flow_matching.weighting_scheme=lognorm"], "is not one of"),
+        (["model=tiny_sd3", "inversion.flow_matching.logit_std=0"], "logit_std=0"),
+    ],
+)
+def test_the_other_objectives_loss_options_are_one_line(tmp_path, overrides, message):
+    """snr_gamma on a flow-matching base and flow_matching.* on a denoising base are errors
+    naming the key before anything loads, never ignored; so is a scheme diffusers does not
+    know (it would fall back to uniform sampling without a word)."""
+    from idgen import preflight
+
+    cfg = compose_config("train", tmp_path, ["experiment=demo", *overrides])
+    with pytest.raises(UserInputError, match=re.escape(message)):
+        preflight.validate_train(cfg)
+    if "snr_gamma" in message:  # the module refuses it too (for Python users of the modules)
+        module = TextFeatureInversionModule(
+            model_loader=lambda: build_tiny_sd3(seed=0), optimizer=torch.optim.AdamW, snr_gamma=5.0
+        )
+        with pytest.raises(ValueError, match="snr_gamma=5.0 .*trained by flow matching"):
+            module.setup("fit")

@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from idgen.data.latents import latents_from_batch as data_latents
 from idgen.memory.optim import build_optimizer, fused_backward_optimizer
 from idgen.memory.settings import MemorySettings, frozen_dtype
 from idgen.modules.diffusion_loss import denoising_loss
-from idgen.modules.flow_matching import flow_matching_loss, flow_sigmas
+from idgen.modules.flow_matching import flow_matching_loss, flow_matching_options, flow_sigmas
 from idgen.utils.dtypes import parse_dtype
 from idgen.utils.validation import NonFiniteLossError
 
@@ -90,7 +91,10 @@ class DiffusionTrainingModule(L.LightningModule):
             ``setup``).
         optimizer, lr_scheduler: partial constructors (``_partial_: true``) of the optimizer
             and scheduler over :meth:`trainable_parameters`.
-        noise_offset: diffusers' offset noise (0: off); snr_gamma: min-SNR weighting (None: off).
+        noise_offset: diffusers' offset noise (0: off); snr_gamma: min-SNR weighting (None: off)
+            of the denoising objective (SD1.5, SDXL).
+        flow_matching: timestep sampling and loss weighting of the flow-matching objective
+            (SD3; :func:`~idgen.modules.flow_matching.flow_matching_options`, None: SD3's).
         seed: seeds the per-rank noise generator (``seed + 1000 * rank``).
         base_model: the base's name, recorded in the export's metadata.
         output_dir, export_on_fit_end, export_dir_name: where and whether :meth:`export` writes
@@ -112,6 +116,7 @@ class DiffusionTrainingModule(L.LightningModule):
         *,
         noise_offset: float = 0.0,
         snr_gamma: float | None = None,
+        flow_matching: dict | None = None,
         seed: int = 0,
         base_model: str = "unknown",
         output_dir: str | None = None,
@@ -126,6 +131,7 @@ class DiffusionTrainingModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.noise_offset = noise_offset
         self.snr_gamma = snr_gamma
+        self.flow_matching = flow_matching_options(flow_matching)
         self.seed = seed
         self.base_model = base_model
         self.noise_generator: torch.Generator | None = None
@@ -213,7 +219,9 @@ class DiffusionTrainingModule(L.LightningModule):
         self.scheduler_config = dict(pipe.scheduler.config)
         family = getattr(self, "family", None)
         self.base_traits = family.base_traits(pipe) if family is not None else {}
-        if family is not None and family.training_objective == "flow_matching":
+        flow = family is not None and family.training_objective == "flow_matching"
+        self._check_objective_options(family, flow)
+        if flow:
             # SD3: sigmas from the flow-matching scheduler's own table; no DDPM table (a
             # DDPMScheduler built from this config would only warn about its `shift`).
             self.flow_sigmas = flow_sigmas(self.scheduler_config)
@@ -228,6 +236,22 @@ class DiffusionTrainingModule(L.LightningModule):
         # The same stream on every rank: each draws for the global batch and keeps its rows
         # (``data_shard``), so results do not depend on how many processes share a batch.
         self.noise_generator = torch.Generator().manual_seed(self.seed)
+
+    def _check_objective_options(self, family: Any, flow: bool) -> None:
+        """Options of the other objective are an error, never ignored (idgen-train's preflight
+        names the config key first): min-SNR weighting needs the DDPM noise schedule."""
+        name = getattr(family, "name", "sd15")
+        if flow and self.snr_gamma is not None:
+            raise ValueError(
+                f"snr_gamma={self.snr_gamma} (min-SNR weighting) does not apply to model family "
+                f"{name}, trained by flow matching; drop it and set flow_matching.loss_weighting "
+                "(sigma_sqrt, cosmap) or its timestep sampling instead."
+            )
+        if not flow and self.flow_matching:
+            raise ValueError(
+                f"flow_matching={self.flow_matching} applies to flow-matching bases (sd3) only, "
+                f"not to model family {name} (trained by denoising); drop it."
+            )
 
     def _attach_vae_to_data(self) -> None:
         """Let a data module with ``cache_latents`` encode its images once with our VAE."""
@@ -268,6 +292,7 @@ class DiffusionTrainingModule(L.LightningModule):
                 self.flow_sigmas,
                 generator=generator or self.noise_generator,
                 noise_offset=self.noise_offset,
+                **self.flow_matching,
             )
         return denoising_loss(
             predict,
@@ -405,6 +430,13 @@ class DiffusionTrainingModule(L.LightningModule):
         if all(type(state[k]) is torch.Tensor for k in keys):
             for key in keys:
                 del state[key]
+        # Plain containers only: Hydra hands nested config blocks (flow_matching, memory) over
+        # as omegaconf objects, which torch.load(weights_only=True) refuses to unpickle.
+        hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
+        if isinstance(hparams, dict):
+            for key, value in hparams.items():
+                if isinstance(value, DictConfig | ListConfig):
+                    hparams[key] = OmegaConf.to_container(value, resolve=True)
         checkpoint["rng_states"] = capture_rng_states()
         checkpoint["idgen_metadata"] = self.metadata()
         if self.noise_generator is not None:

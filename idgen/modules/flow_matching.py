@@ -25,6 +25,35 @@ from idgen.modules.diffusion_loss import sample_noise, weighted_mse
 TIMESTEP_SAMPLING: dict[str, Any] = dict(
     weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29
 )
+#: how sigmas are drawn (``compute_density_for_timestep_sampling``'s ``weighting_scheme``)
+TIMESTEP_SCHEMES = ("logit_normal", "mode", "uniform")
+#: how the loss is weighted per sigma (``compute_loss_weighting_for_sd3``)
+LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+#: the options a stage's ``flow_matching`` block may set (``idgen/conf/module/*.yaml``)
+OPTIONS = (*TIMESTEP_SAMPLING, "loss_weighting")
+
+
+def flow_matching_options(options: Any = None) -> dict[str, Any]:
+    """The keyword arguments of :func:`flow_matching_loss` from a stage's ``flow_matching``
+    block (a mapping; ``None`` values keep SD3's default), as a plain ``dict``.
+
+    Raises ``ValueError`` for an unknown option or scheme: diffusers falls back to uniform
+    sampling and no weighting for a name it does not know, so a typo would train silently.
+    """
+    given = {k: v for k, v in dict(options or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"flow_matching: unknown option(s) {unknown}; use {list(OPTIONS)}.")
+    for key, choices in (
+        ("weighting_scheme", TIMESTEP_SCHEMES),
+        ("loss_weighting", LOSS_WEIGHTINGS),
+    ):
+        if key in given and given[key] not in choices:
+            raise ValueError(f"flow_matching.{key}={given[key]!r}: use one of {list(choices)}.")
+    return {
+        k: float(v) if k in ("logit_mean", "logit_std", "mode_scale") else str(v)
+        for k, v in given.items()
+    }
 
 
 def flow_sigmas(scheduler_config: Any) -> torch.Tensor:
