@@ -387,6 +387,49 @@ def check_finetune_inputs(cfg: DictConfig, stage: str) -> None:
         check_file("ckpt_path", ckpt, "a training checkpoint (.ckpt), or pass ckpt_path=last")
 
 
+def features_metadata(path: Path) -> dict[str, str]:
+    """The metadata stage 1 wrote into a ``text_features.safetensors`` (its header only, no
+    torch; empty when unreadable: loading the file names that problem later)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return dict(f.metadata() or {})
+    except (OSError, ValueError, RuntimeError):
+        return {}
+
+
+def check_features_base(cfg: DictConfig, geometry: dict[str, Any]) -> None:
+    """Stage 2's ``text_features`` (``stage=finetune``) were inverted on a base like this one:
+    the same family and, for SD3, the same T5 setting. The domain model records its stage-2
+    base, and sampling refuses a base without the T5 a domain model was made with, so features
+    of another T5 setting would pass that check with the wrong record."""
+    value = get(cfg, "text_features")
+    if not value:
+        return
+    path = Path(os.path.expanduser(str(value)))
+    meta = features_metadata(path / "text_features.safetensors" if path.is_dir() else path)
+    mismatches = []
+    ours, theirs = meta.get("family"), geometry.get("family")
+    if ours and theirs and ours != theirs:
+        mismatches.append(f"model family {ours} (base model: {theirs})")
+    t5, base_t5 = meta.get("text_encoder_3"), geometry.get("text_encoder_3")
+    if t5 in ("true", "false") and base_t5 is not None and (t5 == "true") != base_t5:
+        mismatches.append(
+            "made on an SD3 base with T5 (text_encoder_3), the base has no T5"
+            if t5 == "true"
+            else "made on an SD3 base without T5 (text_encoder_3), the base has T5"
+        )
+    if mismatches:
+        raise ConfigError(
+            "text_features",
+            str(value),
+            "were inverted on another base: " + "; ".join(mismatches),
+            "Run stage 2 on the base stage 1 used (model.t5=true/false, or a folder with or "
+            "without text_encoder_3), or redo stage 1 on this base (stage=all).",
+        )
+
+
 def check_checkpoint_callback(cfg: DictConfig) -> None:
     """The model-checkpoint callback's interval and ``save_top_k``, when configured."""
     checkpoint = (cfg.get("callbacks") or {}).get("model_checkpoint")
@@ -564,6 +607,8 @@ def validate_train(cfg: DictConfig) -> None:
         check_inversion(cfg)
     if stage in ("finetune", "all"):
         check_finetune(cfg, stage)
+    if stage == "finetune":
+        check_features_base(cfg, geometry)
     stage_keys = {"inversion": ("inversion",), "finetune": ("module",)}
     for key in stage_keys.get(stage, ("inversion", "module") if stage == "all" else ()):
         check_objective_options(cfg, key, str(geometry.get("family") or "sd15"))

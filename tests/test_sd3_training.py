@@ -224,12 +224,18 @@ def test_flux_folder_as_base_is_one_line(tmp_path):
     shutil.rmtree(folder)
 
 
-def test_domain_model_trained_with_t5_needs_a_base_with_t5(tmp_path):
+@pytest.fixture(scope="module")
+def trained_t5(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("sd3_t5_train")
+    train(job_config("train", tmp, [*FAST, "model.t5=true", "stage=all"]))
+    return tmp / "run"
+
+
+def test_domain_model_trained_with_t5_needs_a_base_with_t5(tmp_path, trained_t5):
     """The export records whether its SD3 base had T5; sampling it on a base without T5 (the
     tiny preset without t5, or a folder saved without text_encoder_3) is one line, and on the
     base it was trained with it samples."""
-    train(job_config("train", tmp_path / "t5", [*FAST, "model.t5=true", "stage=all"]))
-    domain = tmp_path / "t5" / "run" / "domain_model"
+    domain = trained_t5 / "domain_model"
     assert json.loads((domain / "idgen_domain.json").read_text())["text_encoder_3"] is True
     folder = tmp_path / "no_t5"
     build_tiny_sd3().save_pretrained(folder)
@@ -245,6 +251,34 @@ def test_domain_model_trained_with_t5_needs_a_base_with_t5(tmp_path):
     ]
     ok += ["prompts=[a photo of a cat]", "images_per_prompt=1", "batch_size=1"]
     assert sample(compose_config("sample", tmp_path / "ok", ok))["num_images"] == 1
+
+
+def test_stage2_features_of_another_t5_setting_are_one_line(tmp_path, trained, trained_t5):
+    """stage=finetune text_features=<file> on a base of another T5 setting stops in the
+    preflight (the domain model would record the stage-2 base, so sampling's T5 check would
+    pass on a base without the T5 its F^T was inverted with); the same setting passes."""
+    from idgen import preflight
+
+    with_t5 = trained_t5 / "inversion" / "text_features.safetensors"
+    without_t5 = trained / "inversion" / "text_features.safetensors"
+    folder = tmp_path / "no_t5"
+    build_tiny_sd3().save_pretrained(folder)
+    cases = [
+        (["model=tiny_sd3"], with_t5, "with T5 (text_encoder_3), the base has no T5"),
+        (["model=sd3", f"model.pretrained={folder}"], with_t5, "the base has no T5"),
+        (["model=tiny_sd3", "model.t5=true"], without_t5, "without T5 (text_encoder_3), the base"),
+        (["model=tiny"], without_t5, "model family sd3 (base model: sd15)"),
+    ]
+    for base, features, message in cases:
+        cfg = compose_config("train", tmp_path, [*FAST, *base, "stage=finetune"])
+        cfg.text_features = str(features)
+        named = re.escape(f"text_features='{features}': were inverted on another base: ")
+        with pytest.raises(UserInputError, match=named + ".*" + re.escape(message)):
+            preflight.validate_train(cfg)
+    for base, features in ((["model.t5=true"], with_t5), ([], without_t5)):
+        cfg = compose_config("train", tmp_path, [*FAST, *base, "stage=finetune"])
+        cfg.text_features = str(features.parent)  # the stage-1 folder works too
+        preflight.validate_train(cfg)
 
 
 def test_sd3_checkpoint_exports_as_the_run_did(tmp_path, trained):
