@@ -44,9 +44,11 @@ def temp_prefix(path: Path) -> str:
     return f".{path.name}.{_HOST}-{os.getpid()}-"
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | Any) -> Path:
     """Write ``data`` to ``path`` through a temp file in the same folder and an atomic rename.
 
+    ``data``: bytes, or a callable that writes into the open binary file (so large objects are
+    streamed to disk, never held whole in memory).
     The temp file ``.<name>.<host>-<pid>-<random>.tmp`` names its writer, so a later run can
     tell a killed writer's leftover from a write in progress (:func:`remove_stale_temps`).
     """
@@ -57,7 +59,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         # mkstemp makes 0600 files; give the result the permissions a plain open() would.
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -73,9 +78,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return atomic_write_bytes(path, buf.getvalue())
+    """``torch.save`` atomically, streamed into the temp file: a checkpoint (weights and
+    optimizer state: gigabytes at SD1.5 scale) is never serialised into memory first."""
+    return atomic_write_bytes(path, lambda f: torch.save(obj, f))
 
 
 def save_image_atomic(
