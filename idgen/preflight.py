@@ -165,8 +165,17 @@ def check_family_features(cfg: DictConfig, family_name: str) -> None:
     module = str(get(cfg, "module._target_") or "")
     if module.endswith("BaselineModule"):
         wanted.append(("baselines", "module", module.rsplit(".", 1)[-1]))
+        method = str(get(cfg, "module.method._target_") or "")
+        if method:  # the method class says which feature it needs (methods import diffusers)
+            from hydra.utils import get_class
+
+            try:
+                feature = getattr(get_class(method), "feature", "baselines")
+            except (ImportError, ValueError):
+                feature = "baselines"  # an unknown class: instantiating it names it
+            wanted.append((feature, "module.method", method.rsplit(".", 1)[-1]))
     for key, feature in (
-        ("baseline_model", "baselines"),
+        ("baseline_model", "baseline_sampling"),
         ("sampler.controlnet", "controlnet"),
         ("callbacks.decoupled_sampling.settings.controlnet", "controlnet"),
     ):

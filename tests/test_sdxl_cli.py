@@ -86,7 +86,11 @@ def test_other_family_is_one_line_before_loading(tmp_path, trained):
 @pytest.mark.parametrize(
     ("config", "overrides", "named"),
     [
-        ("train", ["experiment=demo", "module=baseline_lora"], "module='BaselineModule'"),
+        (
+            "train",
+            ["experiment=demo", "module=baseline_textual_inversion"],
+            "module.method='TextualInversion'",
+        ),
         ("sample", ["baseline_model=/x"], "baseline_model='/x'"),
     ],
 )

@@ -21,11 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
 from idgen.baselines.methods import BaselineMethod, method_class
-from idgen.models.loading import sd_pipeline
 from idgen.utils.io import replace_dir
 
 METADATA_FILE = "idgen_baseline.json"
@@ -38,6 +36,7 @@ def export_baseline(
     unet: Any,
     token_vectors: torch.Tensor | None = None,
     metadata: dict | None = None,
+    pipeline_class: type | None = None,
 ) -> Path:
     """Write ``method``'s adaptation of ``unet`` (and the learned token) to ``out_dir``.
 
@@ -54,7 +53,7 @@ def export_baseline(
     meta["num_vectors"] = method.num_vectors
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        method.save_unet(unet, tmp)
+        method.save_unet(unet, tmp, pipeline_class)
         if token_vectors is not None:
             # diffusers' format: one key -> [num_vectors, D]; loads as <v>, <v>_1, ...
             vectors = token_vectors.detach().float().cpu().contiguous()
@@ -77,29 +76,36 @@ def read_metadata(folder: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
-def load_baseline_pipeline(
-    folder: str | os.PathLike, base_pipeline: StableDiffusionPipeline
-) -> StableDiffusionPipeline:
-    """A new ``StableDiffusionPipeline``: ``base_pipeline`` with the exported baseline applied.
+def load_baseline_pipeline(folder: str | os.PathLike, base_pipeline: Any) -> Any:
+    """A new pipeline of ``base_pipeline``'s family (``StableDiffusionPipeline``,
+    ``StableDiffusionXLPipeline``): ``base_pipeline`` with the exported baseline applied.
 
     ``base_pipeline`` is left untouched (its UNet stays the frozen SD one, e.g. for
     unconditional guidance rectification); components the method changes are copied first.
+    An export trained on a base of another family is one ``ValueError`` line.
     """
+    from idgen.models.family import family_of
+
     folder = Path(folder)
     meta = read_metadata(folder)
+    family = family_of(base_pipeline)
+    trained_on = meta.get("family", "sd15")  # exports from before families were recorded
+    if trained_on != family.name:
+        raise ValueError(
+            f"baseline export '{folder}' was trained on a {trained_on} base; this base is "
+            f"{family.name}: sample it with a base of its family (model={trained_on})."
+        )
     method = method_class(meta["method"])
     learns_token = meta.get("token") is not None
     changes_unet = method.name != "textual_inversion"
     # copies of what the adaptation changes; the frozen rest is shared with the base
-    pipe = sd_pipeline(
-        base_pipeline.vae,
-        copy.deepcopy(base_pipeline.text_encoder) if learns_token else base_pipeline.text_encoder,
-        copy.deepcopy(base_pipeline.tokenizer) if learns_token else base_pipeline.tokenizer,
-        copy.deepcopy(base_pipeline.unet)
-        if changes_unet and method.name != "finetune"
-        else base_pipeline.unet,
-        base_pipeline.scheduler,
-    )
+    parts = {"scheduler": base_pipeline.scheduler}
+    if learns_token:
+        parts["text_encoder"] = copy.deepcopy(base_pipeline.text_encoder)
+        parts["tokenizer"] = copy.deepcopy(base_pipeline.tokenizer)
+    if changes_unet and method.name != "finetune":
+        parts["unet"] = copy.deepcopy(base_pipeline.unet)
+    pipe = family.txt2img.from_pipe(base_pipeline, **parts)
     method.load_unet(folder, pipe, meta.get("method_config", {}))
     if learns_token:
         pipe.load_textual_inversion(folder, weight_name=EMBEDS_FILE, token=meta["token"])

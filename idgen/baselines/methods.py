@@ -34,6 +34,9 @@ class BaselineMethod:
     token: str | None = None
     num_vectors: int = 0
     initializer: str | None = None
+    #: the model-family feature the method needs (``ModelFamily.features``): UNet-side methods
+    #: need "baselines"; those learning a token in the (one) text encoder "baseline_tokens"
+    feature: ClassVar[str] = "baselines"
 
     @property
     def trains_unet(self) -> bool:
@@ -42,8 +45,11 @@ class BaselineMethod:
     def prepare(self, unet: UNet2DConditionModel) -> None:
         """Make the method's UNet parameters trainable (the UNet arrives fully frozen)."""
 
-    def save_unet(self, unet: UNet2DConditionModel, folder: Path) -> None:
-        """Write the UNet-side adaptation into ``folder``."""
+    def save_unet(
+        self, unet: UNet2DConditionModel, folder: Path, pipeline_class: type | None = None
+    ) -> None:
+        """Write the UNet-side adaptation into ``folder`` (``pipeline_class``: the family's
+        diffusers pipeline, whose loader reads it back; ``StableDiffusionPipeline`` if None)."""
 
     @classmethod
     def load_unet(cls, folder: Path, pipe: Any, config: dict) -> None:
@@ -62,7 +68,7 @@ class FullFinetune(BaselineMethod):
     def prepare(self, unet: UNet2DConditionModel) -> None:
         unet.requires_grad_(True)
 
-    def save_unet(self, unet: UNet2DConditionModel, folder: Path) -> None:
+    def save_unet(self, unet, folder, pipeline_class=None) -> None:
         unet.save_pretrained(folder / UNET_DIR)
 
     @classmethod
@@ -107,13 +113,13 @@ class LoRA(BaselineMethod):
             )
         )
 
-    def save_unet(self, unet: UNet2DConditionModel, folder: Path) -> None:
+    def save_unet(self, unet, folder, pipeline_class=None) -> None:
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionPipeline.save_lora_weights(
+        (pipeline_class or StableDiffusionPipeline).save_lora_weights(
             folder,
             unet_lora_layers=layers,
             weight_name=LORA_FILE,
@@ -133,6 +139,7 @@ class TextualInversion(BaselineMethod):
     """Only ``num_vectors`` new token embeddings for ``[V]``; the UNet stays frozen."""
 
     name = "textual_inversion"
+    feature = "baseline_tokens"
 
     def __init__(self, token: str = "<v>", num_vectors: int = 1, initializer: str | None = None):
         self.token = token
@@ -154,6 +161,7 @@ class CustomDiffusion(BaselineMethod):
     """
 
     name = "custom_diffusion"
+    feature = "baseline_tokens"
 
     def __init__(
         self,
@@ -206,7 +214,7 @@ class CustomDiffusion(BaselineMethod):
             if self._trains(name):
                 proc.requires_grad_(True)
 
-    def save_unet(self, unet: UNet2DConditionModel, folder: Path) -> None:
+    def save_unet(self, unet, folder, pipeline_class=None) -> None:
         # diffusers' layout (UNet2DConditionModel.save_attn_procs): weights per trained
         # processor, an empty entry for the others so every attention layer gets a processor.
         state: dict[str, Any] = {}
@@ -273,7 +281,7 @@ class OFT(BaselineMethod):
         _check_divisible(unet, self.target_modules, self.r)
         unet.add_adapter(self.peft_config())
 
-    def save_unet(self, unet: UNet2DConditionModel, folder: Path) -> None:
+    def save_unet(self, unet, folder, pipeline_class=None) -> None:
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
 

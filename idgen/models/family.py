@@ -67,7 +67,9 @@ class ModelFamily:
     #: ``prediction_type``) or ``"flow_matching"`` (velocity ``noise - x0``, SD3)
     training_objective: str = "denoising"
     #: what idgen implements on this family beyond training and decoupled sampling
-    #: (``"baselines"``: the Table-1 baselines, ``"controlnet"``, ``"sds"``: idgen-3d)
+    #: (``"baselines"``: the Table-1 baselines that adapt the UNet, ``"baseline_tokens"``: those
+    #: learning a placeholder token, ``"baseline_sampling"``: ``baseline_model=`` at sampling,
+    #: ``"controlnet"``, ``"sds"``: idgen-3d)
     features: frozenset[str] = frozenset()
 
     def require(self, feature: str, key: str, value: Any) -> None:
@@ -294,7 +296,9 @@ FAMILIES: dict[str, ModelFamily] = {
         controlnet_class=ControlNetModel,
         default_resolution=512,
         build_tiny=build_tiny_sd,
-        features=frozenset({"baselines", "controlnet", "sds"}),
+        features=frozenset(
+            {"baselines", "baseline_tokens", "baseline_sampling", "controlnet", "sds"}
+        ),
         load_kwargs=(
             ("safety_checker", None),
             ("feature_extractor", None),
@@ -325,7 +329,10 @@ FAMILIES: dict[str, ModelFamily] = {
         build_tiny=build_tiny_sdxl,
         addition_embed_type="text_time",
         load_kwargs=(("add_watermarker", False),),
-        features=frozenset({"controlnet", "sds"}),
+        # baselines: fine-tuning, LoRA and OFT (UNet-side), trained with SDXL's pooled features
+        # and time_ids, exported for StableDiffusionXLPipeline; not yet those learning a token
+        # (both encoders) nor baseline_model at sampling
+        features=frozenset({"baselines", "controlnet", "sds"}),
     ),
     "sd3": SD3Family(
         name="sd3",
@@ -358,6 +365,9 @@ FAMILIES: dict[str, ModelFamily] = {
 
 FEATURE_NAMES = {
     "baselines": "the Table-1 baselines",
+    "baseline_tokens": "a baseline that learns a placeholder token (textual inversion, Custom "
+    "Diffusion)",
+    "baseline_sampling": "sampling an exported baseline (baseline_model)",
     "controlnet": "ControlNet guidance",
     "sds": "score distillation (idgen-3d)",
 }

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
@@ -27,7 +26,7 @@ from idgen.baselines.tokens import (
     splice_tokens,
     write_vectors,
 )
-from idgen.models.loading import sd_pipeline
+from idgen.models.family import ModelFamily, family_of
 from idgen.models.text import encode_text
 from idgen.modules.base import DiffusionTrainingModule, OptimizerFactory, SchedulerFactory
 from idgen.modules.sd_parts import freeze
@@ -51,7 +50,7 @@ class BaselineModule(DiffusionTrainingModule):
     only the trained parameters (and the learned token vectors).
     """
 
-    frozen_names = ("vae", "text_encoder")
+    frozen_names = ("vae", "text_encoder", "text_encoder_2")
 
     def __init__(
         self,
@@ -96,6 +95,9 @@ class BaselineModule(DiffusionTrainingModule):
         self.token_vectors: nn.Parameter | None = None
         self.first_token_id: int | None = None
         self.cached_context: torch.Tensor | None = None
+        self.cached_pooled: torch.Tensor | None = None
+        self.family: ModelFamily | None = None
+        self._base = None  # the loaded pipeline (its parts are this module's; for pipeline())
         self.num_trainable_params = 0
         self._scheduler = None
 
@@ -109,8 +111,16 @@ class BaselineModule(DiffusionTrainingModule):
         if self.unet is not None:
             return
         pipe = self.model_loader()
+        # The family says what the base needs (SDXL: a second text encoder, pooled features,
+        # each image's time_ids) and whether idgen implements this method on it.
+        self.family = family_of(pipe)
+        self.family.require("baselines", "module", type(self).__name__)
+        self.family.require(self.method.feature, "module.method", self.method.name)
+        self._base = pipe
         self.vae = freeze(pipe.vae.to(self.frozen_dtype))
         self.text_encoder = freeze(pipe.text_encoder)
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            self.text_encoder_2 = freeze(pipe.text_encoder_2)
         self.tokenizer = pipe.tokenizer
         self._scheduler = pipe.scheduler
         self._setup_noise(pipe)
@@ -138,7 +148,9 @@ class BaselineModule(DiffusionTrainingModule):
         else:
             # 3. No learned token: the prompt's features never change, encode them once.
             with torch.no_grad():
-                self.cached_context = self.encode_prompt(self.prompt)
+                context, pooled = self.family.encode_prompt(pipe, [self.prompt])
+            self.cached_context = context.float()
+            self.cached_pooled = None if pooled is None else pooled.float()
         self.num_trainable_params = count_parameters(self.trainable_parameters())
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -167,6 +179,8 @@ class BaselineModule(DiffusionTrainingModule):
         """Text features [1, T, D] (gradients reach the learned token vectors only)."""
         if self.method.token is not None:
             prompt = expand_placeholder(prompt, self.method.token, self.method.num_vectors)
+        # one text encoder with gradients (the family's encode_prompt runs without them): the
+        # methods that learn a token need the family feature "baseline_tokens" (SD1.5 only)
         return encode_text(self.tokenizer, self.text_encoder, [prompt]).float()
 
     def context(self) -> torch.Tensor:
@@ -176,20 +190,31 @@ class BaselineModule(DiffusionTrainingModule):
 
     def denoiser(self):
         """The adapted UNet conditioned on the method's training prompt."""
+        return self.denoiser_for({})
+
+    def denoiser_for(self, batch: dict):
+        """The adapted UNet conditioned on the training prompt (and, as the family asks, its
+        pooled features and each image's ``time_ids`` from ``batch``)."""
         context = self.context()
+        pooled = self.cached_pooled
+        time_ids = self.family.batch_time_ids(batch)
 
         def predict(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            cond = context.expand(noisy.shape[0], -1, -1)
-            return self.unet(noisy, t, encoder_hidden_states=cond).sample
+            rows = noisy.shape[0]
+            cond = context.expand(rows, -1, -1)
+            vector = None if pooled is None else pooled.to(noisy.device).expand(rows, -1)
+            ids = None if time_ids is None else time_ids.to(noisy.device, noisy.dtype)
+            return self.family.predict(self.unet, noisy, t, cond, vector, ids)
 
         return predict
 
     # --- sampling and export ----------------------------------------------------------------
-    def pipeline(self) -> StableDiffusionPipeline:
-        """A diffusers pipeline over the module's own (trained) components, for sampling."""
+    def pipeline(self) -> Any:
+        """The family's diffusers pipeline (``StableDiffusionPipeline``,
+        ``StableDiffusionXLPipeline``) over the module's own (trained) components, for sampling."""
         if self.token_vectors is not None:
             write_vectors(self.text_encoder, self.token_vectors.detach(), self.first_token_id)
-        return sd_pipeline(self.vae, self.text_encoder, self.tokenizer, self.unet, self._scheduler)
+        return self.family.txt2img.from_pipe(self._base, unet=self.unet)
 
     def metadata(self) -> dict[str, object]:
         return super().metadata() | {
@@ -199,7 +224,10 @@ class BaselineModule(DiffusionTrainingModule):
 
     def export(self, out_dir: str | Path) -> Path:
         vectors = self.token_vectors.detach() if self.token_vectors is not None else None
-        return export_baseline(out_dir, self.method, self.unet, vectors, self.metadata())
+        meta = self.metadata() | {"family": self.family.name}
+        return export_baseline(
+            out_dir, self.method, self.unet, vectors, meta, pipeline_class=self.family.txt2img
+        )
 
     # --- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
