@@ -49,6 +49,7 @@ from idgen.pipelines.diffusers_call import (
     CheckedLoraMixin,
     DiffusersCallMixin,
     extra_step_kwargs,
+    replaced_rows,
     rescale_guided,
     resolve_guidance_scale,
 )
@@ -1037,14 +1038,9 @@ class InDomainPipeline(
         out = dict(callback(self, step, t, kwargs))
         latents = out.pop("latents", tensors["latents"])
         for key in ("prompt_embeds", "negative_prompt_embeds"):
-            new = out.pop(key, available[key])
-            if new is available[key] or new is None:
+            new = replaced_rows(out, key, available[key], rows, step)
+            if new is None:
                 continue
-            if new.shape[0] != rows:
-                raise ValueError(
-                    f"callback_on_step_end returned {key} with {new.shape[0]} rows at step "
-                    f"{step}; this run needs one row per image ({rows})."
-                )
             if key == "negative_prompt_embeds":
                 uncond = replace(uncond, embeds=new)
             elif control is not None and control.model is None:
