@@ -150,9 +150,7 @@ def plan_or_stop(cfg: DictConfig) -> bool:
     planned peak exceeds the device's free memory stops here with the table (exit 2)."""
     requested = cfg.get("plan", False)
     family = requested if isinstance(requested, str) and requested != "true" else None
-    from idgen.preflight import base_geometry
-
-    configured = base_geometry(cfg.get("model")).get("family")
+    configured = (cfg.get("model") or {}).get("family")  # model=sd3 / tiny_sd3 name theirs
     if family is None and configured is not None and configured not in TRUE_SIZE:
         # no layout to plan from yet (SD3's MMDiT): say so and train without a plan
         log.info("memory plan: not available for model family %s yet", configured)

@@ -143,6 +143,10 @@ def estimate(
     autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     parts: dict[str, float] = {}
     base = sizes.unet_params * 4 + sizes.text_encoder_params * 4 + sizes.vae_params * 4
+    # Loading (host memory): the base in float32, and while idgen.models.loading.own_weights
+    # copies a component out of its memory-mapped file both copies are resident; the UNet is
+    # the largest component.
+    loading = base + sizes.unet_params * 4
     if not cuda:
         parts["runtime (Python, torch, libraries)"] = runtime_bytes
     acts = activation_bytes(
@@ -159,7 +163,7 @@ def estimate(
         parts["frozen UNet + VAE"] = (sizes.unet_params + sizes.vae_params) * fb
         parts["activations"] = acts
         fixed = sum(parts.values())
-        setup = (0 if cuda else parts.get("runtime (Python, torch, libraries)", 0)) + base
+        setup = (0 if cuda else parts.get("runtime (Python, torch, libraries)", 0)) + loading
         train = fixed
         phases = {"setup (loading the base model)": setup, "train step": train}
         phase = max(phases, key=phases.get)
@@ -193,7 +197,9 @@ def estimate(
     validation = held + keep_grads + sampling + swap if shape.validation else 0.0
     # Setup: the base model loaded in float32, plus the null-text UNet copied from it.
     # (on a GPU run the base loads in host memory; the device gets the weights and the VAE)
-    setup = runtime + base + weights if not cuda else weights + parts["frozen VAE"]
+    setup = runtime + max(loading, base + weights) if not cuda else weights + parts["frozen VAE"]
+    # Checkpoints and the export stream to disk (no serialised copy in memory); the export
+    # swaps the EMA in as validation does.
     phases = {"setup (loading the base model)": setup, "train step": train}
     if shape.validation:
         phases["validation grids"] = validation

@@ -36,6 +36,8 @@ class ModelSizes:
     unet_shapes: list[tuple[int, ...]] = field(default_factory=list)
     #: shapes of the null-text UNet's trainable parameters (cross-attention removed, E_l added)
     domain_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    #: activation_bytes results by their arguments (a plan asks for the same ones many times)
+    activation_cache: dict[tuple, int] = field(default_factory=dict, repr=False)
 
     @property
     def unet_params(self) -> int:
@@ -165,6 +167,21 @@ def activation_bytes(
     the checkpointed blocks plus the largest block's own activations (recomputed one at a
     time in the backward pass).
     """
+    key = (batch, resolution, stage, autocast_dtype, frozen_dtype, checkpointing)
+    if key not in sizes.activation_cache:
+        sizes.activation_cache[key] = _activation_bytes(sizes, *key)
+    return sizes.activation_cache[key]
+
+
+def _activation_bytes(
+    sizes: ModelSizes,
+    batch: int,
+    resolution: int,
+    stage: str,
+    autocast_dtype: torch.dtype | None,
+    frozen_dtype: torch.dtype,
+    checkpointing: bool,
+) -> int:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     latent = resolution // sizes.vae_factor
