@@ -22,7 +22,7 @@ from idgen.modules.checkpoint_io import (
     pending_log,
     remove_incomplete_checkpoints,
 )
-from idgen.preflight import STAGES, validate_train
+from idgen.preflight import STAGES, base_geometry, validate_train
 from idgen.preview import write_base_grid
 from idgen.utils.images import make_grid
 from idgen.utils.io import atomic_write_text, save_image_atomic
@@ -185,6 +185,11 @@ def finished_inversion(cfg: DictConfig, output_dir: Path) -> Path | None:
         "steps": str(int(cfg.inversion_steps)),
         "base_model": str(cfg.inversion.base_model),
     }
+    # SD3: the same preset or folder with and without T5 has the same name (see preflight's
+    # check_features_base for stage=finetune)
+    t5 = base_geometry(cfg.get("model")).get("text_encoder_3")
+    if t5 is not None and "text_encoder_3" in meta:
+        expected["text_encoder_3"] = "true" if t5 else "false"
     differ = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
     if differ:
         what = "; ".join(f"{k} {old!r} (now {new!r})" for k, (old, new) in differ.items())

@@ -407,3 +407,20 @@ def test_the_other_objectives_loss_options_are_one_line(tmp_path, overrides, mes
         )
         with pytest.raises(ValueError, match="snr_gamma=5.0 .*trained by flow matching"):
             module.setup("fit")
+
+
+def test_a_finished_stage1_of_another_t5_setting_is_not_reused(trained_t5):
+    """stage=all in a run dir whose stage 1 was inverted with T5, now on the same preset without
+    T5 (same base name 'tiny'): one line naming the run dir, not a silent reuse; with T5 it is
+    reused."""
+    from idgen.train import finished_inversion
+
+    # composed as `hydra.run.dir=<that run>` composes it (paths.output_dir = the run dir)
+    cfg = compose_config("train", trained_t5.parent, [*FAST, "stage=all"])
+    with pytest.raises(UserInputError, match="text_encoder_3 'true' \\(now 'false'\\)"):
+        finished_inversion(cfg, trained_t5)
+    cfg = compose_config("train", trained_t5.parent, [*FAST, "stage=all", "model.t5=true"])
+    assert (
+        finished_inversion(cfg, trained_t5)
+        == trained_t5 / "inversion" / "text_features.safetensors"
+    )
