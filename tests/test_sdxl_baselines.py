@@ -151,3 +151,73 @@ def test_sdxl_baselines_learning_a_token_are_one_line(tmp_path, name):
     with pytest.raises(UserInputError, match=r"module\.method='.*' needs a baseline that learns"):
         validate_train(cfg)
     assert not (tmp_path / "run" / "baseline_model").exists()
+
+
+def _split_unet(base_unet, baseline_unet):
+    """A UNet for StableDiffusionXLPipeline's CFG batch [uncond; cond]: the frozen base on the
+    unconditional half, the baseline on the conditional half (unconditional rectification,
+    paper §4.5, written against diffusers' own CFG loop)."""
+    import copy
+
+    unet = copy.deepcopy(base_unet)
+
+    def forward(x, t, encoder_hidden_states, added_cond_kwargs, **kw):
+        n = x.shape[0] // 2
+        half = [slice(0, n), slice(n, None)]
+        outs = []
+        for model, rows in zip((base_unet, baseline_unet), half, strict=True):
+            added = {k: v[rows] for k, v in added_cond_kwargs.items()}
+            outs.append(
+                model(x[rows], t, encoder_hidden_states[rows], added_cond_kwargs=added, **kw)[0]
+            )
+        return (torch.cat(outs),)
+
+    unet.forward = forward
+    return unet
+
+
+def test_sdxl_baseline_sampling_pipeline_and_rectified(trained):
+    """baseline_model= on SDXL: the export's pipeline samples as itself (sampler=cfg), and
+    rectified sampling (sampler=rectify) is CFG with the frozen base's unconditional prediction."""
+    from idgen.pipelines import InDomainXLPipeline, make_scheduler
+    from idgen.sampling import SamplerSettings
+    from idgen.sampling.components import load_components
+
+    method, run = trained
+    export = str(run / "baseline_model")
+    kw = dict(num_inference_steps=3, output_type="np")
+    base = build_tiny_sdxl(seed=0)
+    parts = load_components(base, SamplerSettings(baseline_mode="pipeline"), export)
+    ours = InDomainXLPipeline.from_sd(parts.base, scheduler=make_scheduler(base.scheduler.config))
+    got = ours(
+        PROMPT, w_d=0, w_c=5.0, weights="fixed", generator=torch.Generator().manual_seed(0), **kw
+    )
+    baseline = load_baseline_pipeline(export, build_tiny_sdxl(seed=0))
+    baseline.scheduler = make_scheduler(base.scheduler.config)
+    own = _images(baseline)
+    np.testing.assert_allclose(got.images, own, atol=1e-5)
+
+    settings = SamplerSettings(
+        baseline_mode="rectify", extra_guidance=[{"name": "community", "weight": 5.0}]
+    )
+    parts = load_components(base, settings, export)
+    assert parts.base is base
+    ours = InDomainXLPipeline.from_sd(base, scheduler=make_scheduler(base.scheduler.config))
+    rect = ours(
+        PROMPT,
+        w_d=0,
+        w_c=0,
+        weights="fixed",
+        extra_guidance=parts.extra_terms([PROMPT]),
+        generator=torch.Generator().manual_seed(0),
+        **kw,
+    ).images
+    ref = StableDiffusionXLPipeline(
+        **{
+            **build_tiny_sdxl(seed=0).components,
+            "unet": _split_unet(build_tiny_sdxl(seed=0).unet, baseline.unet),
+            "scheduler": make_scheduler(base.scheduler.config),
+        }
+    )
+    np.testing.assert_allclose(rect, _images(ref), atol=1e-5)
+    assert np.abs(rect - own).max() > 1e-4  # the frozen base's unconditional prediction mattered

@@ -91,7 +91,6 @@ def test_other_family_is_one_line_before_loading(tmp_path, trained):
             ["experiment=demo", "module=baseline_textual_inversion"],
             "module.method='TextualInversion'",
         ),
-        ("sample", ["baseline_model=/x"], "baseline_model='/x'"),
     ],
 )
 def test_what_sdxl_lacks_yet_is_one_line(tmp_path, config, overrides, named):

@@ -330,9 +330,9 @@ FAMILIES: dict[str, ModelFamily] = {
         addition_embed_type="text_time",
         load_kwargs=(("add_watermarker", False),),
         # baselines: fine-tuning, LoRA and OFT (UNet-side), trained with SDXL's pooled features
-        # and time_ids, exported for StableDiffusionXLPipeline; not yet those learning a token
-        # (both encoders) nor baseline_model at sampling
-        features=frozenset({"baselines", "controlnet", "sds"}),
+        # and time_ids, exported for StableDiffusionXLPipeline and sampled (baseline_model=);
+        # not yet those learning a token (both encoders)
+        features=frozenset({"baselines", "baseline_sampling", "controlnet", "sds"}),
     ),
     "sd3": SD3Family(
         name="sd3",

@@ -52,6 +52,12 @@ class SamplingComponents:
 
         spec = dict(self.baseline_term)
         own = spec.pop("prompt", None)
+        if self.baseline.text_encoder is self.base.text_encoder:
+            # A baseline that learned no token shares the frozen base's text encoders: the
+            # pipeline encodes its prompt (the call's, or its own) as for any term, with every
+            # input the family needs (SDXL: both encoders and the pooled vector).
+            term = GuidanceTerm(model=self.baseline.unet, prompt=own, **spec)
+            return [term if t is None else t for t in self.extra]
         # The baseline's own encoder and tokenizer ([V] tokens), as diffusers would encode them.
         texts = list(prompts) if own is None else [own]
         embeds = torch.cat([baseline_prompt_embeds(self.baseline, p) for p in texts])
