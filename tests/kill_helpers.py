@@ -6,6 +6,7 @@ no finally blocks); ``NaNBatchAt`` makes one batch's pixels NaN so the loss beco
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 from pathlib import Path
@@ -40,6 +41,10 @@ class KillAt(L.Callback):
         def write(path, data):
             path = Path(path)
             if self.where == "ckpt_write" and path.name == target:
+                if callable(data):  # a writer streaming into the open file: its bytes
+                    buf = io.BytesIO()
+                    data(buf)
+                    data = buf.getvalue()
                 tmp = path.with_name(f".{path.name}.killed.tmp")
                 tmp.write_bytes(data[: len(data) // 2])
                 _die()
