@@ -119,15 +119,17 @@ def runtime_bytes() -> float:
     return float(psutil.Process().memory_info().rss)
 
 
-def plans_for(cfg: DictConfig, family: str | None = None) -> list[tuple[Plan, dict[int, str]]]:
-    """The plan of each stage of ``cfg`` and which GPU sizes it fits."""
+def plans_for(
+    cfg: DictConfig, family: str | None = None, fits: bool = True
+) -> list[tuple[Plan, dict[int, str]]]:
+    """The plan of each stage of ``cfg`` and (``fits``) which GPU sizes it fits."""
     settings = settings_of(cfg)
     sizes = model_sizes(cfg, family)
     runtime = runtime_bytes()
     out = []
     for shape in run_shapes(cfg):
         plan = estimate(sizes, settings, shape, runtime)
-        out.append((plan, gpu_fits(sizes, settings, shape)))
+        out.append((plan, gpu_fits(sizes, settings, shape) if fits else {}))
     return out
 
 
@@ -156,7 +158,9 @@ def plan_or_stop(cfg: DictConfig) -> bool:
         log.info("memory plan: not available for model family %s yet", configured)
         return bool(requested)
     settings = settings_of(cfg)  # bad memory options: one clear error, before anything else
-    plans = plans_for(cfg, family)
+    # the GPU sizes a run would fit are planned when asked for (plan=true) or when it does
+    # not fit here (the suggestion); the run's own plan takes a second
+    plans = plans_for(cfg, family, fits=bool(requested))
     text = "\n".join(plan.table(fits) for plan, fits in plans)
     if requested:
         print(text)
@@ -168,6 +172,7 @@ def plan_or_stop(cfg: DictConfig) -> bool:
     free, what = free_bytes(worst.shape.accelerator)
     if worst.peak <= free:
         return False
+    text = "\n".join(plan.table(fits) for plan, fits in plans_for(cfg, family))
     sizes = model_sizes(cfg)
     least = lowest(sizes, settings, worst.shape, runtime_bytes())
     if least.peak > free:

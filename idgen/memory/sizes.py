@@ -8,6 +8,7 @@ already-built pipeline (the tiny model). A new family (SD3, ...) plugs in by add
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from torch import nn
 
 from idgen.models.layouts import CLIP_VOCAB_SIZE, TRUE_SIZE
 
+#: models below this many UNet parameters are measured with real tensors (milliseconds)
+SMALL_MODEL = 20_000_000
 #: families whose text conditioning is cross-attention that the null-text UNet replaces
 TEXT_TIME = "text_time"
 
@@ -167,6 +170,8 @@ def activation_bytes(
     the checkpointed blocks plus the largest block's own activations (recomputed one at a
     time in the backward pass).
     """
+    if stage == "finetune":
+        frozen_dtype = torch.float32  # the trained UNet is float32 whatever the frozen parts are
     key = (batch, resolution, stage, autocast_dtype, frozen_dtype, checkpointing)
     if key not in sizes.activation_cache:
         sizes.activation_cache[key] = _activation_bytes(sizes, *key)
@@ -186,7 +191,9 @@ def _activation_bytes(
 
     latent = resolution // sizes.vae_factor
     config = sizes.unet_config
-    with FakeTensorMode():
+    # Small models (the tiny test model) run for real: faster than fake tensors' dispatch.
+    mode = FakeTensorMode() if sizes.unet_params > SMALL_MODEL else contextlib.nullcontext()
+    with mode, torch.random.fork_rng(devices=[]):
         train_unet = stage == "finetune"
         null_text = train_unet and config.get("addition_embed_type") != TEXT_TIME
         previous = torch.get_default_dtype()
@@ -261,8 +268,8 @@ def _activation_bytes(
 
 
 def _fake_model(config: dict[str, Any], null_text: bool) -> nn.Module:
-    """The UNet (or its null-text version) built under the active fake mode: its init runs on
-    fake tensors, so it takes no memory."""
+    """The UNet (or its null-text version) built under the active fake mode (its init runs on
+    fake tensors, so it takes no memory), or for real when no fake mode is active."""
     from diffusers import UNet2DConditionModel
 
     from idgen.models.null_text_unet import NullTextUNet

@@ -67,8 +67,9 @@ class TextFeatureInversionModule(DiffusionTrainingModule):
             return
         pipe = self.model_loader()
         self.family = family_of(pipe)
-        self.vae = freeze(pipe.vae.to(self.frozen_dtype))
-        self.unet = freeze(self.family.denoiser(pipe).to(self.frozen_dtype))  # SD3: transformer
+        dtype = self.resolve_frozen_dtype(self.frozen_dtype)  # memory.frozen_dtype=auto
+        self.vae = freeze(pipe.vae.to(dtype))
+        self.unet = freeze(self.family.denoiser(pipe).to(dtype))  # SD3: transformer
         self._setup_noise(pipe)
         self._attach_vae_to_data()
         # 1. The prompt's output features (and pooled embedding), encoded once by the frozen
