@@ -262,3 +262,14 @@ def test_a_run_that_cannot_fit_stops_with_the_plan(tmp_path, monkeypatch):
 def test_fused_backward_is_refused_across_devices():
     with pytest.raises(ConfigError, match="before DDP has averaged"):
         check_run(MemorySettings(fused_backward=True), {"devices": 2, "gradient_clip_val": None})
+
+
+def test_sharded_strategies_log_the_plan_without_stopping(tmp_path, monkeypatch):
+    """Under FSDP/DeepSpeed each device holds a shard: the one-device plan is not enforced."""
+    from idgen.memory import check
+
+    cfg = job_config("train", tmp_path, ["trainer=fsdp", "stage=finetune"])
+    assert check._sharded(cfg)
+    assert not check._sharded(job_config("train", tmp_path, []))
+    monkeypatch.setattr(check, "free_bytes", lambda accelerator: (1e8, "free GPU memory"))
+    assert check.plan_or_stop(cfg) is False

@@ -133,6 +133,13 @@ def plans_for(
     return out
 
 
+def _sharded(cfg: DictConfig) -> bool:
+    """Whether the trainer's strategy shards the training state (FSDP, DeepSpeed)."""
+    strategy = (cfg.get("trainer") or {}).get("strategy")
+    name = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
+    return any(k in str(name).lower() for k in ("fsdp", "deepspeed"))
+
+
 def free_bytes(accelerator: str) -> tuple[float, str]:
     """Free memory of the training device: CUDA's free memory, or the host's available RAM
     plus what this process already holds (the plan counts it)."""
@@ -140,7 +147,10 @@ def free_bytes(accelerator: str) -> tuple[float, str]:
         import torch
 
         if torch.cuda.is_available():
-            free, _ = torch.cuda.mem_get_info()
+            import os
+
+            # this process's GPU (Lightning gives rank r of a node device LOCAL_RANK)
+            free, _ = torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", 0) or 0))
             return float(free) - CUDA_OVERHEAD, "free GPU memory (less the CUDA context)"
     import psutil
 
@@ -167,6 +177,12 @@ def plan_or_stop(cfg: DictConfig) -> bool:
         return True
     log.info("%s", text)
     if not plans:
+        return False
+    if _sharded(cfg):
+        log.info(
+            "memory plan: trainer.strategy shards weights/gradients/optimizer state across "
+            "devices; the plan above is for one unsharded device and is not enforced"
+        )
         return False
     worst = max(plans, key=lambda pf: pf[0].peak)[0]
     free, what = free_bytes(worst.shape.accelerator)
