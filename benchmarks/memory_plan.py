@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -219,6 +220,13 @@ def main() -> None:
         print(f"building SD1.5's true layout (random weights) in {args.folder} ...", flush=True)
         build_folder(args.folder)
     work = Path(tempfile.mkdtemp(prefix="memory_plan_"))
+    try:  # each stage-2 run leaves a 5 GB checkpoint and a 3 GB export: removed at the end
+        run_cases(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_cases(args: argparse.Namespace, work: Path) -> None:
     make_images(work / "images")
     if args.chain:
         run_chain(args.folder, work / "images", work)
