@@ -113,13 +113,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     fails in milliseconds, before data is scanned or a model built. Leftovers of writes a kill
     interrupted are removed from the run folder, and a rerun into the same folder resumes.
     """
-    validate_train(cfg)
     from idgen.memory.check import plan_or_stop
 
-    # The memory plan (logged; plan=true prints it and stops): a run that cannot fit stops
+    # plan=true: the memory plan needs neither the data nor the device (plan a GPU run on a
+    # laptop). Otherwise the plan is logged after the checks, and a run that cannot fit stops
     # here with the table, not with an out-of-memory error minutes later.
-    if plan_or_stop(cfg):
+    if cfg.get("plan") and plan_or_stop(cfg):
         return {}
+    validate_train(cfg)
+    plan_or_stop(cfg)
     if int(os.environ.get("NODE_RANK") or 0) > 0 and rank_zero_only.rank == 0:
         # A node started by hand in Lightning's multi-node environment (NODE_RANK=1, no RANK)
         # is not rank 0, also before its Trainer says so: the run folder's housekeeping below

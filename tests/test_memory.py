@@ -206,7 +206,8 @@ def test_plan_of_sdxl_true_size_needs_the_low_settings_for_24_gb(tmp_path, capsy
     cfg = job_config(
         "train",
         tmp_path,
-        ["plan=sdxl", "stage=finetune", "data.resolution=1024", "data.batch_size=1"],
+        # a GPU run planned on this CPU machine: plan=... needs neither the data nor CUDA
+        ["plan=sdxl", "trainer=gpu", "stage=finetune", "data.resolution=1024", "data.batch_size=1"],
     )
     train(cfg)
     out = capsys.readouterr().out
