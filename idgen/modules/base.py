@@ -292,6 +292,7 @@ class DiffusionTrainingModule(L.LightningModule):
                 self.flow_sigmas,
                 generator=generator or self.noise_generator,
                 noise_offset=self.noise_offset,
+                shard=self.data_shard(),
                 **self.flow_matching,
             )
         return denoising_loss(
