@@ -26,6 +26,20 @@ a section's rows are written as they are measured, so a killed section keeps wha
   model, a few steps), then ``idgen-sample trainer=gpu dtype=float16 cpu_offload=true`` with the
   domain model the first run exported.
 - ``tests``: ``pytest -m gpu tests/test_gpu.py`` (skipped without CUDA).
+- ``memory``: the memory plan against measurement (issue 22): stage-2 (null-text fine-tuning)
+  steps at batch 1 through the module, callbacks and Trainer ``idgen-train`` builds, on
+  random weights in SD1.5's true layout at 512 px (``memory=default``, ``memory=low``) and
+  SDXL's at 1024 px (also ``memory=gpu24``): the plan ``idgen-train plan=true`` prints vs the
+  measured peak (``torch.cuda.max_memory_allocated``; peak RSS on the CPU), and steps/s. A case
+  the plan says cannot fit the device is skipped with the plan's figure.
+- ``sdxl``: SDXL true size at 1024 px in fp16 (issue 21): ``InDomainXLPipeline`` with a
+  null-text domain UNet (w_d = w_c = 3.5, and w_d = 0) vs ``StableDiffusionXLPipeline`` CFG
+  (g = 7.5): s/image and peak memory; then stage-2 steps/s and peak memory at batch 1 (the
+  ``memory`` section's code, ``memory=default``).
+
+The first four sections get their share of the budget; ``memory`` and ``sdxl`` run after them
+on what is left (split by their shares), and record a "skipped: budget" row for each case they
+cannot finish in it. To measure them on their own: ``--sections memory sdxl --budget-s 300``.
 
 Every figure is printed with a baseline measured in the same run and their ratio, as one table,
 and written as JSON. Exit status 0 when every section finished and every check passed.
@@ -55,9 +69,11 @@ REPO = HERE.parent
 WHEELS = HERE / "wheels"
 # What the GPU machine lacks and the check imports (the wheel folder holds exactly these).
 DEVICE_MISSING = ("diffusers", "hydra", "omegaconf", "antlr4")
-SECTIONS = ("sampling", "training", "cli", "tests")
+SECTIONS = ("sampling", "training", "cli", "tests", "memory", "sdxl")
 # Share of the overall budget per section (the rest is start-up and the parent's own work).
 SHARES = {"sampling": 0.27, "training": 0.30, "cli": 0.22, "tests": 0.21}
+# Sections that run after those above, on what they left, split by these shares.
+LATER_SHARES = {"memory": 0.55, "sdxl": 0.45}
 PROMPT = "a photo of a face"
 
 
@@ -136,6 +152,14 @@ class Recorder:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
+
+    @staticmethod
+    def skipped(section: str) -> dict:
+        """The row of a section that did not start: no time was left for it."""
+        return dict(
+            section=section, name="section", value=None, unit="", baseline=None,
+            base_value=None, ratio=None, ok=None, note="skipped: budget",
+        )  # fmt: skip
 
 
 class Budget:
@@ -488,11 +512,261 @@ def section_tests(rec: Recorder, budget: Budget, device: str, smoke: bool) -> bo
     return ok
 
 
+# ------------------------------------------------------------------ memory plan and SDXL
+
+
+def memory_sizes(smoke: bool) -> dict[str, Any]:
+    """The ``memory`` and ``sdxl`` sections' sizes (like :func:`sizes`: sizes only)."""
+    if smoke:
+        return dict(
+            sd="tiny", xl="tiny_sdxl", presets={"tiny": ("default", "low"),
+            "tiny_sdxl": ("default", "low", "gpu24")}, train_steps=3, build_s=10, case_s=10,
+            xl_steps=2, xl_repeats=1,
+        )  # fmt: skip
+    return dict(
+        sd="sd15", xl="sdxl", presets={"sd15": ("default", "low"),
+        "sdxl": ("default", "low", "gpu24")}, train_steps=6, build_s=60, case_s=40,
+        xl_steps=25, xl_repeats=1,
+    )  # fmt: skip
+
+
+def _step_timer(device: str):
+    """A Lightning callback timing training steps (device work included): steps/s over every
+    step after the first (allocator growth, kernel selection)."""
+    import lightning as L
+    from bench_common import sync
+
+    class StepTimer(L.Callback):
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            sync(device)
+            self.ends.append(time.perf_counter())
+
+        def steps_per_s(self) -> float | None:
+            if len(self.ends) < 2:
+                return None
+            return (len(self.ends) - 1) / (self.ends[-1] - self.ends[0])
+
+    return StepTimer()
+
+
+def _base_loader(base) -> Callable[[], Any]:
+    """``model_loader`` for the module: the base pipeline as loaded from a folder (float32, host
+    memory), built once per family. Each run gets its own VAE (the module casts it, freezes it
+    and moves it to the device); the UNet is copied into the null-text UNet, not changed."""
+    import copy
+
+    return lambda: type(base).from_pipe(base, vae=copy.deepcopy(base.vae))
+
+
+def stage2_case(
+    rec: Recorder,
+    budget: Budget,
+    device: str,
+    base,
+    geometry: str,
+    preset: str,
+    steps: int,
+    work: Path,
+    baseline: dict[str, float] | None = None,
+) -> dict[str, float] | None:
+    """Stage 2 at batch 1 as ``idgen-train stage=finetune memory=<preset>`` runs it (composed
+    config, its module, callbacks and Trainer; no validation grids, checkpoints or export),
+    with ``base``'s weights. Records the plan vs the measured peak and steps/s; returns
+    ``{"peak": bytes, "rate": steps/s, "finite": weights finite}`` or None when skipped. ``baseline``: another preset's
+    result, for ratios."""
+    import gc
+
+    import torch
+    from bench_common import native_resolution, peak_memory_mb, reset_peak_memory
+    from hydra.utils import instantiate
+
+    from idgen.memory.check import free_bytes, plans_for
+    from idgen.memory.plan import GB
+    from idgen.models.layouts import TRUE_SIZE
+    from idgen.toyworld.job import compose_run
+    from idgen.train import _callbacks, _plugins, prepare_data
+
+    gpu = device.startswith("cuda")
+    px = native_resolution(base)
+    tag = f"{geometry} {px}px b1 stage 2 memory={preset}"
+    run_dir = work / f"{geometry}-{preset}"
+    overrides = [
+        # the config's family (tiny or tiny_sdxl): the weights are ``base``'s, passed below
+        f"model={'tiny_sdxl' if 'sdxl' in geometry else 'tiny'}",
+        "stage=finetune", f"memory={preset}", f"trainer={'gpu' if gpu else 'cpu'}",
+        f"trainer.max_steps={steps}", f"data.resolution={px}", "data.batch_size=1",
+        "data.num_images=4", "data.num_workers=0", f"paths.data_dir={work / 'data'}",
+        f"paths.cache_dir={work / 'cache'}", f"paths.log_dir={work / 'logs'}",
+        "callbacks.decoupled_sampling=null", "callbacks.model_checkpoint=null",
+        "callbacks.progress_bar=null", "callbacks.learning_rate_monitor=null",
+        "module.export_on_fit_end=false",
+    ]  # fmt: skip
+    cfg = compose_run("train", run_dir, overrides)
+    # the plan `idgen-train plan=true` prints: the family's true size, or the tiny model's
+    family = geometry if geometry in TRUE_SIZE else None
+    plan = max((p for p, _ in plans_for(cfg, family, fits=False)), key=lambda p: p.peak)
+    free, what = free_bytes(plan.shape.accelerator)
+    if plan.peak > free:
+        rec.row(f"{tag}: plan", plan.peak / GB, "GB", note=f"skipped: {what} {free / GB:.1f} GB")
+        return None
+    datamodule = prepare_data(cfg, run_dir)
+    module = instantiate(cfg.module, model_loader=_base_loader(base))
+    module.nonfinite_loss = cfg.get("nonfinite_loss", "stop")
+    timer = _step_timer(device)
+    trainer = instantiate(
+        cfg.trainer, callbacks=[*_callbacks(cfg, stage2=True), timer], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, **_plugins(cfg),
+    )  # fmt: skip
+    gc.collect()
+    reset_peak_memory(device)
+    trainer.fit(module, datamodule=datamodule)
+    peak = peak_memory_mb(device) * 2**20
+    rate = timer.steps_per_s()
+    finite = all(bool(torch.isfinite(p).all()) for p in module.trainable_parameters())
+    del trainer, module, datamodule
+    gc.collect()
+    reset_peak_memory(device)
+    ratio = plan.peak / peak
+    close = "within" if abs(ratio - 1) <= 0.15 else "outside"
+    where = "max_memory_allocated" if gpu else "peak RSS"
+    rec.row(
+        f"{tag}: plan ({plan.phase})", plan.peak / GB, "GB", f"measured {where}", peak / GB,
+        note=f"plan {close} 15 % of the measurement",
+    )  # fmt: skip
+    base_name = "memory=default"
+    rec.row(
+        f"{tag}: measured peak", peak / GB, "GB", baseline and base_name,
+        baseline and baseline["peak"] / GB,
+    )  # fmt: skip
+    rec.row(
+        f"{tag}: steps/s", rate, "steps/s", baseline and base_name,
+        baseline and baseline["rate"], ok=finite,
+    )  # fmt: skip
+    return {"peak": peak, "rate": rate, "finite": finite}
+
+
+def section_memory(rec: Recorder, budget: Budget, device: str, smoke: bool) -> bool:
+    import torch
+    from bench_common import build_sd
+
+    m = memory_sizes(smoke)
+    work = Path(tempfile.mkdtemp(prefix="idgen-device-memory-"))
+    all_ok = True
+    try:
+        for geometry in (m["sd"], m["xl"]):
+            if not budget.allows(m["build_s"] + m["case_s"]):
+                rec.row(f"{geometry} stage 2", None, "", note="skipped: budget")
+                continue
+            # as idgen-train loads a folder: float32 in host memory (built on the device,
+            # where initialising billions of weights is fast, then moved)
+            base = build_sd(geometry, device).to("cpu")
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            baseline = None
+            for preset in m["presets"][geometry]:
+                if not budget.allows(m["case_s"]):
+                    rec.row(f"{geometry} memory={preset}", None, "", note="skipped: budget")
+                    continue
+                result = stage2_case(
+                    rec, budget, device, base, geometry, preset, m["train_steps"], work, baseline
+                )
+                baseline = baseline or result
+                all_ok &= result is None or result["finite"]
+            base = None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return all_ok
+
+
+def section_sdxl(rec: Recorder, budget: Budget, device: str, smoke: bool) -> bool:
+    import copy
+
+    import torch
+    from bench_common import build_sd, native_resolution, peak_memory_mb, reset_peak_memory, timed
+    from diffusers import DPMSolverMultistepScheduler
+
+    from idgen.models import NullTextUNet
+    from idgen.models.family import family_of
+    from idgen.models.tiny_sdxl import sdxl_pipeline
+    from idgen.pipelines import InDomainXLPipeline
+
+    m = memory_sizes(smoke)
+    geometry = m["xl"]
+    if not budget.allows(m["build_s"]):
+        rec.row(f"{geometry} fp16 sampling", None, "", note="skipped: budget")
+        return True
+    sd = build_sd(geometry, device)
+    with torch.no_grad():
+        features, pooled = family_of(sd).encode_prompt(sd, [PROMPT])
+    domain = NullTextUNet.from_unet(sd.unet, features, pooled_features=pooled)
+    domain.to(dtype=torch.float16)
+    sd.to(dtype=torch.float16)
+    scheduler = DPMSolverMultistepScheduler.from_config(sd.scheduler.config)
+    names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet")
+    parts = {k: sd.components[k] for k in names}
+    cfg = sdxl_pipeline(**parts, scheduler=scheduler)
+    ours = InDomainXLPipeline.from_sd(sd, domain_unet=domain, scheduler=copy.deepcopy(scheduler))
+    px = native_resolution(sd)
+    common = dict(num_inference_steps=m["xl_steps"], height=px, width=px, output_type="latent")
+    runs = _sampling_runs(cfg, ours, common)
+    base_name = next(iter(runs))
+    all_ok = True
+    est = sum(timed(partial(fn, [PROMPT], 0), device) for fn in runs.values())  # warm-up
+    tag = f"{geometry} fp16 b1 {px}px {m['xl_steps']} steps"
+    if budget.allows(est * m["xl_repeats"] + 5):
+        times = {name: [] for name in runs}
+        peaks = {name: 0.0 for name in runs}
+        finite = {name: True for name in runs}
+        for r in range(m["xl_repeats"]):
+            for name, fn in runs.items():
+                reset_peak_memory(device)
+                out: list[torch.Tensor] = []
+                times[name].append(timed(partial(_append, out, fn, [PROMPT], r), device))
+                peaks[name] = max(peaks[name], peak_memory_mb(device))
+                finite[name] &= bool(torch.isfinite(out[0]).all())
+        for name in runs:
+            is_base = name == base_name
+            med = sorted(times[name])[len(times[name]) // 2]
+            base_med = sorted(times[base_name])[len(times[base_name]) // 2]
+            rec.row(
+                f"{tag}: {name}", med, "s/image",
+                None if is_base else base_name, None if is_base else base_med,
+            )  # fmt: skip
+            rec.row(
+                f"{tag}: {name} peak memory", peaks[name], "MiB",
+                None if is_base else base_name, None if is_base else peaks[base_name],
+            )  # fmt: skip
+            rec.row(f"{tag}: {name} latents finite", float(finite[name]), "bool", ok=finite[name])
+            all_ok &= finite[name]
+    else:
+        rec.row(f"{tag}: timed runs", None, "", note="skipped: budget")
+    cfg = ours = domain = runs = None
+    # stage 2 on the same weights, as loaded from a folder (float32, host memory)
+    base = sd.to("cpu", torch.float32)
+    sd = None
+    reset_peak_memory(device)
+    if not budget.allows(m["case_s"]):
+        rec.row(f"{geometry} stage 2 memory=default", None, "", note="skipped: budget")
+        return all_ok
+    work = Path(tempfile.mkdtemp(prefix="idgen-device-sdxl-"))
+    try:
+        result = stage2_case(rec, budget, device, base, geometry, "default", m["train_steps"], work)
+        all_ok &= result is None or result["finite"]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return all_ok
+
+
 SECTION_FUNCS = {
     "sampling": section_sampling,
     "training": section_training,
     "cli": section_cli,
     "tests": section_tests,
+    "memory": section_memory,
+    "sdxl": section_sdxl,
 }
 
 
@@ -609,12 +883,22 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     sections: dict[str, dict] = {}
     work = Path(tempfile.mkdtemp(prefix="idgen-device-check-"))
-    share_total = sum(SHARES[n] for n in args.sections)
-    for name in args.sections:
+    # the first sections in their fixed order, then the later ones on what is left
+    order = [n for n in SECTIONS if n in args.sections]
+    # (alone, the first sections share the whole budget; with later ones, their fixed shares)
+    share_total = 1.0 if any(n in LATER_SHARES for n in order) else sum(SHARES[n] for n in order)
+    for i, name in enumerate(order):
         left = budget - (time.time() - started)
-        seconds = min(budget * SHARES[name] / share_total, left)
+        if name in SHARES:
+            seconds = min(budget * SHARES[name] / share_total, left)
+        else:
+            later = sum(LATER_SHARES[n] for n in order[i:])
+            seconds = left * LATER_SHARES[name] / later
         if seconds < 5:
             sections[name] = dict(status="skipped: overall budget spent", seconds=0, log_tail="")
+            if name in LATER_SHARES:  # by design: they run on what the others left
+                sections[name]["status"] = "skipped: budget"
+                rows.append(Recorder.skipped(name))
             continue
         rows_file = work / f"{name}.jsonl"
         sections[name] = run_section(name, args, rows_file, seconds)
@@ -631,7 +915,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp.replace(out)
     print_table(env, sections, rows)
     print(f"wrote {out} in {result['seconds']} s")
-    ok = all(v["status"] == "ok" for v in sections.values()) and all(
+    fine = ("ok", "skipped: budget")
+    ok = all(v["status"] in fine for v in sections.values()) and all(
         r["ok"] is not False for r in rows
     )
     return 0 if ok else 1

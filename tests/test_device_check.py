@@ -129,6 +129,8 @@ def test_smoke_runs_every_section_like_the_gpu_machine(tmp_path):
         "training": "ok",
         "cli": "ok",
         "tests": "ok",
+        "memory": "ok",
+        "sdxl": "ok",
     }
     rows = {r["name"]: r for r in result["rows"]}
     ratio = rows["fp16 b1 64px 2 steps: ours w_d=w_c=3.5"]
@@ -136,6 +138,13 @@ def test_smoke_runs_every_section_like_the_gpu_machine(tmp_path):
     assert rows["bf16 b2 64px: null-text steps/s"]["baseline"] == "vanilla"
     assert rows["idgen-sample images written"]["value"] == 4
     assert rows["pytest -m gpu: skipped"]["value"] >= 4  # collected, skipped without CUDA
+    # memory: the plan beside the measured peak of the same run, each preset against default
+    plans = [r for r in result["rows"] if r["section"] == "memory" and ": plan (" in r["name"]]
+    assert len(plans) == 5 and all(r["value"] > 0 and r["base_value"] > 0 for r in plans)
+    low = rows["tiny_sdxl 64px b1 stage 2 memory=gpu24: steps/s"]
+    assert low["baseline"] == "memory=default" and low["ratio"] > 0
+    xl = rows["tiny_sdxl fp16 b1 64px 2 steps: ours w_d=w_c=3.5"]
+    assert xl["section"] == "sdxl" and xl["baseline"] == "diffusers CFG g=7.5" and xl["ratio"] > 0
     assert all(r["ok"] is not False for r in result["rows"])
     assert "ours w_d=w_c=3.5" in proc.stdout  # the printed table
 
