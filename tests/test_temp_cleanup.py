@@ -18,14 +18,16 @@ from pathlib import Path
 import torch
 
 from idgen.metrics.cache import cache_path, load_cached, save_cached
-from idgen.utils.io import remove_stale_temps, temp_prefix
+from idgen.utils.io import PROCESS_START, remove_stale_temps, temp_prefix
 from tests.conftest import REPO
 
 
-def _plant(folder: Path, name: str, age_s: float = 60.0) -> Path:
+def _plant(folder: Path, name: str, age_s: float | None = None) -> Path:
+    """A temp file whose time is ``age_s`` before now; by default a minute before this process
+    started (what "older than the run" means: in a long pytest session that is not "a minute ago")."""
     path = folder / name
     path.write_bytes(b"half a torch.save")
-    past = time.time() - age_s
+    past = PROCESS_START - 60.0 if age_s is None else time.time() - age_s
     os.utime(path, (past, past))
     return path
 

@@ -974,7 +974,8 @@ class InDomainPipeline(
                 # diffusers' guidance_rescale toward the control term's prediction
                 noise_pred = guider.combine(i, eps_uncond, preds)
                 self._sync_guidance_scale(guider)
-                if self.do_classifier_free_guidance:
+                # rescale first: do_classifier_free_guidance reads a weight tensor (a host sync)
+                if self.guidance_rescale > 0.0 and self.do_classifier_free_guidance:
                     reference = preds.get(CONTROL, next(iter(preds.values()), None))
                     noise_pred = rescale_guided(noise_pred, reference, self.guidance_rescale)
 
