@@ -19,11 +19,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(OFFLINE) $(PY) -m idgen.toyworld.job --out outputs/toyworld
 
-# One torch thread per test process (tests/conftest.py; OMP_NUM_THREADS=N overrides); says how long
+# One pytest worker per CPU this process may use (affinity and cgroup quota, as idgen-train
+# decides its threads; TEST_JOBS=N overrides), one torch thread per worker (tests/conftest.py;
+# OMP_NUM_THREADS=N overrides), a test file per worker (module fixtures run once); says how long
 # the suite took.
 test: $(STAMP)
-	@start=$$(date +%s); $(OFFLINE) $(PY) -m pytest $(PYTEST_ARGS); status=$$?; \
-	echo "make test: $$(( $$(date +%s) - start )) s on $$(nproc) CPU(s)"; exit $$status
+	@jobs=$${TEST_JOBS:-$$($(PY) -c "from idgen.utils.threads import usable_cpus; print(usable_cpus())")}; \
+	start=$$(date +%s); $(OFFLINE) $(PY) -m pytest -n $$jobs --dist loadfile $(PYTEST_ARGS); \
+	status=$$?; echo "make test: $$(( $$(date +%s) - start )) s, $$jobs worker(s) on $$(nproc) CPU(s)"; \
+	exit $$status
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
