@@ -20,6 +20,7 @@ from typing import Any, get_args
 
 from omegaconf import DictConfig, OmegaConf
 
+from idgen.models.tiny_presets import tiny_geometry
 from idgen.utils.validation import (
     ConfigError,
     check_choice,
@@ -61,37 +62,9 @@ def base_geometry(model: DictConfig | dict | None) -> dict[str, Any]:
     if model is None:
         return {}
     model = OmegaConf.to_container(model, resolve=True) if isinstance(model, DictConfig) else model
-    target = str(model.get("_target_", ""))
-    if target.endswith("build_tiny_sdxl"):
-        # idgen.models.tiny_sdxl's fixed geometry (factor-8 VAE, 8x8x4 latents, 64-wide context)
-        return {
-            "vae_factor": 8,
-            "in_channels": 4,
-            "sample_size": 8,
-            "cross_attention_dim": 64,
-            "name": "tiny",  # what the modules record for the tiny presets (base_model)
-            "family": "sdxl",
-        }
-    if target.endswith("build_tiny_sd3"):
-        # idgen.models.tiny_sd3's fixed geometry (factor-8 VAE, 8x8x16 latents, an MMDiT)
-        return {
-            "vae_factor": 8,
-            "in_channels": 16,
-            "sample_size": 8,
-            "name": "tiny",
-            "family": "sd3",
-            "text_encoder_3": bool(model.get("t5")),
-        }
-    if target.endswith("build_tiny_sd"):
-        # idgen.models.tiny's fixed geometry (a factor-8 VAE, 8x8x4 latents)
-        return {
-            "vae_factor": 8,
-            "in_channels": 4,
-            "sample_size": 8,
-            "cross_attention_dim": int(model.get("cross_attention_dim") or 32),
-            "name": "tiny",
-            "family": "sd15",
-        }
+    tiny = tiny_geometry(model)
+    if tiny is not None:
+        return tiny
     source = model.get("pretrained")
     if not source:
         return {}
@@ -109,8 +82,8 @@ def base_geometry(model: DictConfig | dict | None) -> dict[str, Any]:
     unet = _read_json(Path(source) / "unet" / "config.json")
     unet = unet or _read_json(Path(source) / "transformer" / "config.json")  # SD3: an MMDiT
     index = _read_json(Path(source) / "model_index.json") or {}
-    if geometry["family"] == "sd3" and index:  # SD3's T5 is optional: is it in the folder?
-        geometry["text_encoder_3"] = bool((index.get("text_encoder_3") or [None])[0])
+    if "text_encoder_3" in index:  # an optional encoder (SD3's T5): is it in the folder?
+        geometry["text_encoder_3"] = bool((index["text_encoder_3"] or [None])[0])
     if unet:
         for key in ("in_channels", "sample_size", "cross_attention_dim"):
             if unet.get(key) is not None:

@@ -89,3 +89,32 @@ def test_load_sd_hub_id_offline_is_clear_error():
     with pytest.raises(SDLoadError) as err:
         load_sd("stable-diffusion-v1-5/stable-diffusion-v1-5")
     assert "offline" in str(err.value) and "hf download" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "builder, kwargs",
+    [
+        ("build_tiny_sd", {}),
+        ("build_tiny_sdxl", {}),
+        ("build_tiny_sd3", {}),
+        ("build_tiny_sd3", {"t5": True}),
+    ],
+)
+def test_tiny_preset_geometry_is_what_the_builder_builds(builder, kwargs):
+    """Config checks read a tiny base's geometry from idgen.models.tiny_presets without building
+    it: the numbers must be those of the model the builder makes."""
+    import idgen.models as models
+    from idgen.models.family import family_of
+    from idgen.models.tiny_presets import tiny_geometry
+
+    geometry = tiny_geometry({"_target_": f"idgen.models.{builder}", **kwargs})
+    pipe = getattr(models, builder)(seed=0, **kwargs)
+    denoiser = family_of(pipe).denoiser(pipe)
+    assert geometry["family"] == family_of(pipe).name
+    assert geometry["vae_factor"] == 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    assert geometry["in_channels"] == denoiser.config.in_channels
+    assert geometry["sample_size"] == denoiser.config.sample_size
+    if "cross_attention_dim" in geometry:
+        assert geometry["cross_attention_dim"] == denoiser.config.cross_attention_dim
+    if "text_encoder_3" in geometry:
+        assert geometry["text_encoder_3"] == (pipe.text_encoder_3 is not None)

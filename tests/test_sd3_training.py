@@ -361,6 +361,8 @@ def test_flow_matching_options_from_the_stage_config_reach_the_loss(tmp_path):
         "logit_std": 0.5,
         "loss_weighting": "sigma_sqrt",
     }
+    # what _setup_noise sets from the SD3 family (without loading the base)
+    module.objective = "flow_matching"
     module.flow_sigmas = flow_sigmas(dict(num_train_timesteps=1000, shift=3.0))
     latents = torch.randn(6, 16, 4, 4, generator=torch.Generator().manual_seed(1))
     seen = {}

@@ -101,6 +101,9 @@ class DiffusionTrainingModule(L.LightningModule):
             at the end of fit (``<output_dir>/<export_dir_name>``).
     """
 
+    #: the family's training objective, set by ``_setup_noise``
+    objective: str = "denoising"
+
     #: attribute names of frozen submodules (never trained, never checkpointed)
     frozen_names: tuple[str, ...] = ()
     #: a NaN/inf loss or gradient: "stop" raises ``NonFiniteLossError`` before the weights are
@@ -219,7 +222,9 @@ class DiffusionTrainingModule(L.LightningModule):
         self.scheduler_config = dict(pipe.scheduler.config)
         family = getattr(self, "family", None)
         self.base_traits = family.base_traits(pipe) if family is not None else {}
-        flow = family is not None and family.training_objective == "flow_matching"
+        # the family's training objective: "denoising" (eps / v) or "flow_matching" (SD3)
+        self.objective = family.training_objective if family is not None else "denoising"
+        flow = self.objective == "flow_matching"
         self._check_objective_options(family, flow)
         if flow:
             # SD3: sigmas from the flow-matching scheduler's own table; no DDPM table (a
@@ -285,7 +290,7 @@ class DiffusionTrainingModule(L.LightningModule):
         self, predict, latents: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """The denoising loss of ``predict`` on ``latents`` (noise from ``noise_generator``)."""
-        if getattr(self, "flow_sigmas", None) is not None:  # SD3: flow matching (velocity)
+        if self.objective == "flow_matching":  # the family's objective (_setup_noise)
             return flow_matching_loss(
                 predict,
                 latents,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from idgen.models.null_text_transformer import NullTextSD3Transformer
+from idgen.models.domain_models import DOMAIN_MODEL_CLASSES
 from idgen.models.null_text_unet import NullTextUNet
 from idgen.modules.sd_parts import TEXT_FEATURES_FILE, save_text_features
 from idgen.utils.io import replace_dir
@@ -68,9 +68,7 @@ def export_domain_model(
     return out
 
 
-def unet_from_checkpoint(
-    checkpoint: dict, use_ema: bool = True
-) -> NullTextUNet | NullTextSD3Transformer:
+def unet_from_checkpoint(checkpoint: dict, use_ema: bool = True) -> torch.nn.Module:
     """Rebuild the domain model (``NullTextUNet``; SD3: ``NullTextSD3Transformer``) held by a
     NullTextFinetuneModule checkpoint (no SD needed)."""
     if "null_text_unet_config" not in checkpoint:
@@ -79,11 +77,10 @@ def unet_from_checkpoint(
             "fine-tuning stage (NullTextFinetuneModule)?"
         )
     config = dict(checkpoint["null_text_unet_config"])
+    # the class the run trained (checkpoints written before SD3 name none: a NullTextUNet)
+    model_class = DOMAIN_MODEL_CLASSES[config.pop("_class_name", NullTextUNet.__name__)]
     with torch.device("meta"):
-        if "transformer_config" in config:  # an SD3 base: the null-text transformer's arguments
-            unet = NullTextSD3Transformer(**config)
-        else:
-            unet = NullTextUNet(unet_config=config["unet_config"], init=config.get("init", "value"))
+        unet = model_class(**config)
     prefix = "domain_unet."
     state = {
         k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)

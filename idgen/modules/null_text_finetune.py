@@ -213,10 +213,12 @@ class NullTextFinetuneModule(DiffusionTrainingModule):
 
     # --- checkpoints ------------------------------------------------------------------------
     def _unet_config(self) -> dict[str, Any]:
-        # the domain model's constructor arguments (NullTextUNet: unet_config, init; the SD3
-        # null-text transformer: transformer_config, context_length, init)
+        # the domain model's class and constructor arguments (NullTextUNet: unet_config, init;
+        # the SD3 null-text transformer: transformer_config, context_length, init)
         model = self.domain_unet
-        return model.extract_init_dict(dict(model.config))[0]
+        return {"_class_name": type(model).__name__} | model.extract_init_dict(dict(model.config))[
+            0
+        ]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
