@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from idgen.toyworld.pretrain import build_vae, mixed_world_batch
+from idgen.toyworld.bases import build_vae
+from idgen.toyworld.pretrain import mixed_world_batch
 
 CANDIDATES = {
     "32px factor 4 (chosen, 8x8 latent)": (32, None),

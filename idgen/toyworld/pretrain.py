@@ -1,6 +1,7 @@
 """Pretraining recipe of the toy base: a text-to-image model of the open world.
 
-The base is a diffusers folder in SD1.5 layout that ``idgen.models.load_sd`` loads:
+The base is a diffusers folder in SD1.5 layout (``--family sdxl`` / ``sd3``: that family's
+layout, ``idgen.toyworld.bases``) that ``idgen.models.load_sd`` loads:
 
 - images are 32x32; the VAE (``AutoencoderKL``, 3 levels, factor 4, 4 latent channels) is
   trained first on BOTH worlds (light open-world and dark domain images), because idgen later
@@ -20,6 +21,13 @@ factor 8 at 64px costs 2.5-3.5x more VAE time per step for the same 8x8 latent
 (``experiments/toyworld/bench_vae_factor.py``).
 
     python -m idgen.toyworld.pretrain --out <dir> --seed 0 --steps 8000
+    python -m idgen.toyworld.pretrain --family sdxl --vae-from idgen/toyworld/base --out <dir>
+
+SDXL and SD3 bases learn the same way through their family (``idgen.models.family``): its
+prompt encoder (both CLIPs, pooled text), its unconditional input for caption dropout (SDXL:
+zeros, as ``force_zeros_for_empty_prompt``), its added conditions (SDXL's size ids) and its
+objective (SD3: flow matching, ``idgen.modules.flow_matching``). ``--vae-from`` reuses the VAE
+of another toy base with the same latent channels (SDXL's VAE has SD1.5's layout).
 """
 
 from __future__ import annotations
@@ -34,24 +42,20 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    PNDMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import AutoencoderKL, DDPMScheduler
 from torch import nn
 
-from idgen.models import build_tiny_sd
-from idgen.models.loading import sd_pipeline
-from idgen.models.text import encode_text
-from idgen.models.tiny import SD15_SCHEDULER_JSON, TINY_UNET
+from idgen.data.latents import latents_from_batch
+from idgen.models.family import family_of
+from idgen.modules.diffusion_loss import denoising_loss
 from idgen.modules.ema import EMA
+from idgen.modules.flow_matching import flow_matching_loss, flow_sigmas
+from idgen.toyworld.bases import RESOLUTION, build_vae, toy_pipeline, vae_latent_channels
 from idgen.toyworld.metrics import read_image, score, to_uint8_arrays
 from idgen.toyworld.render import (
     COLOURS,
@@ -63,8 +67,6 @@ from idgen.toyworld.render import (
     to_tensor,
 )
 from idgen.utils.io import replace_dir
-
-RESOLUTION = 32
 
 
 @dataclass
@@ -87,32 +89,13 @@ class TrainingRecipe:
 class Recipe(TrainingRecipe):
     """Every knob of the base's recipe; saved beside the weights."""
 
+    family: str = "sd15"  # the base's model family: sd15, sdxl, sd3 (idgen.toyworld.bases)
     steps: int = 8000  # UNet steps
     vae_steps: int = 2500  # every background (five) reconstructs well only after ~2k steps
+    vae_from: str = ""  # a toy base folder whose VAE to reuse (then vae_steps is not run)
     vae_lr: float = 1e-3
     kl_weight: float = 1e-5
     eval_per_caption: int = 32
-
-
-def build_vae() -> AutoencoderKL:
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=RESOLUTION,
-    )
-
-
-def build_unet(cross_attention_dim: int) -> UNet2DConditionModel:
-    """The tiny preset's UNet geometry (``idgen.models.tiny.TINY_UNET``) on 8x8 latents."""
-    return UNet2DConditionModel(
-        **{**TINY_UNET, "sample_size": RESOLUTION // 4}, cross_attention_dim=cross_attention_dim
-    )
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -167,11 +150,18 @@ def train_vae(vae: AutoencoderKL, recipe: Recipe, log_every: int = 100) -> None:
 
 
 @torch.no_grad()
-def calibrate_scaling_factor(vae: AutoencoderKL, seed: int, num_images: int = 256) -> float:
-    """SD's convention: ``scaling_factor = 1 / std`` of the latents of the training images."""
+def calibrate_latent_scale(
+    vae: AutoencoderKL, seed: int, num_images: int = 256
+) -> dict[str, float]:
+    """SD's convention: ``scaling_factor = 1 / std`` of the training images' latents; a VAE
+    with a ``shift_factor`` (SD3's) also gets their mean as the shift, the scale then being
+    ``1 / std`` around it."""
     x = mixed_world_batch(num_images, _batch_seed(seed, 2, 0))
     latents = vae.encode(x).latent_dist.sample(torch.Generator().manual_seed(seed))
-    return float(1.0 / latents.std())
+    if getattr(vae.config, "shift_factor", None) is None:
+        return {"scaling_factor": float(1.0 / latents.std())}
+    shift = float(latents.mean())
+    return {"scaling_factor": float(1.0 / (latents - shift).std()), "shift_factor": shift}
 
 
 @torch.no_grad()
@@ -187,38 +177,43 @@ def reconstruction_metrics(vae: AutoencoderKL, seed: int, num_images: int = 96) 
     return result
 
 
-@torch.no_grad()
-def encode_captions(pipe: StableDiffusionPipeline, captions: list[str]) -> torch.Tensor:
-    """Frozen text-encoder features of ``captions`` (idgen's one prompt encoder)."""
-    return encode_text(pipe.tokenizer, pipe.text_encoder, captions)
-
-
 def train_noise_prediction(
-    sd: StableDiffusionPipeline,
+    sd: Any,
     trained: nn.Module,
-    predict: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list], torch.Tensor],
+    predict: Callable[..., torch.Tensor],
     recipe: TrainingRecipe,
     phase: int,
     label: str,
     log_every: int = 100,
 ) -> EMA:
-    """The toy recipes' one training loop: epsilon prediction on fresh open-world batches.
+    """The toy recipes' one training loop: the family's objective on fresh open-world batches.
 
-    ``predict(noisy, t, context, specs)`` is the noise prediction whose ``trained`` parameters
-    learn (the base's UNet; the ControlNet through the frozen UNet, conditioned on ``specs``).
-    The VAE and text encoder stay frozen; captions are dropped to ``""`` with
-    ``recipe.caption_dropout`` for classifier-free guidance. ``phase`` picks the recipe's render
-    seeds (``_batch_seed``). Returns the EMA of ``trained``.
+    ``predict(noisy, t, context, pooled, specs)`` is the denoiser output whose ``trained``
+    parameters learn (the base's UNet or transformer; the ControlNet through the frozen UNet,
+    conditioned on ``specs``); ``pooled`` is None for families without pooled text. The loss is
+    the family's (``idgen.models.family``): epsilon prediction on the DDPM schedule, or SD3's
+    flow matching. The VAE and text encoders stay frozen; captions are dropped to the family's
+    unconditional input (``""``; SDXL: zeros) with ``recipe.caption_dropout`` for
+    classifier-free guidance. ``phase`` picks the recipe's render seeds (``_batch_seed``).
+    Returns the EMA of ``trained``.
     """
-    noise_scheduler = DDPMScheduler.from_config(sd.scheduler.config)
+    family = family_of(sd)
+    flow = family.training_objective == "flow_matching"
+    if flow:
+        sigmas = flow_sigmas(sd.scheduler.config)
+    else:
+        noise_scheduler = DDPMScheduler.from_config(sd.scheduler.config)
+        alphas_cumprod = noise_scheduler.alphas_cumprod.float()
+        prediction_type = noise_scheduler.config.prediction_type
     captions = all_captions()
-    # The text encoder is frozen: every caption's features (and the empty one) are fixed.
-    features = encode_captions(sd, [*captions, ""])
-    empty = len(captions)
+    # The text encoders are frozen: every caption's features (and the unconditional) are fixed.
+    features, pooled = family.encode_prompt(sd, captions, "cpu")
+    uncond, uncond_pooled = family.uncond_embeds(
+        sd, features[:1], None if pooled is None else pooled[:1]
+    )
     opt = torch.optim.AdamW(trained.parameters(), lr=recipe.lr, weight_decay=1e-2)
     ema = EMA(trained, decay=recipe.ema_decay)
     gen = torch.Generator().manual_seed(recipe.seed + 1)
-    sf = sd.vae.config.scaling_factor
     trained.train()
     start = time.time()
     for step in range(recipe.steps):
@@ -227,18 +222,23 @@ def train_noise_prediction(
             "open", recipe.batch_size, RESOLUTION, _batch_seed(recipe.seed, phase, step)
         )
         with torch.no_grad():
-            latents = sd.vae.encode(to_tensor(images)).latent_dist.sample(gen) * sf
-        # 2. captions, with dropout to "" for classifier-free guidance
+            latents = latents_from_batch({"pixel_values": to_tensor(images)}, sd.vae, gen)
+        # 2. captions, with dropout to the unconditional input for classifier-free guidance
         index = torch.tensor([captions.index(caption(s.colour, s.shape)) for s in specs])
         drop = torch.rand(len(index), generator=gen) < recipe.caption_dropout
-        context = features[torch.where(drop, empty, index)]
-        # 3. noise at random timesteps; predict it
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(
-            0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=gen
-        )
-        noisy = noise_scheduler.add_noise(latents, noise, t)
-        loss = F.mse_loss(predict(noisy, t, context, specs), noise)
+        context = torch.where(drop[:, None, None], uncond, features[index])
+        rows_pooled = None
+        if pooled is not None:
+            rows_pooled = torch.where(drop[:, None], uncond_pooled, pooled[index])
+
+        def denoise(noisy, t, context=context, rows_pooled=rows_pooled, specs=specs):
+            return predict(noisy, t, context, rows_pooled, specs)
+
+        # 3. noise at random timesteps (sigmas); the family's target
+        if flow:
+            loss = flow_matching_loss(denoise, latents, sigmas, generator=gen)
+        else:
+            loss = denoising_loss(denoise, latents, alphas_cumprod, prediction_type, gen)
         # 4. optimiser and EMA
         for group in opt.param_groups:
             group["lr"] = recipe.lr * lr_factor(step, recipe.warmup_steps, recipe.steps)
@@ -256,14 +256,21 @@ def train_noise_prediction(
     return ema
 
 
-def train_unet(pipe: StableDiffusionPipeline, recipe: Recipe, log_every: int = 100) -> EMA:
-    """Text-to-image epsilon training on open-world images; returns the EMA of the UNet."""
-    unet = pipe.unet
+def train_denoiser(pipe: Any, recipe: Recipe, log_every: int = 100) -> EMA:
+    """Text-to-image training of the base's denoiser (UNet, or SD3's transformer) on
+    open-world images; returns its EMA. SDXL's size ids are those of every toy image (32x32,
+    no crop), which is what ``StableDiffusionXLPipeline`` passes at 32px."""
+    family = family_of(pipe)
+    model = family.denoiser(pipe)
+    size = torch.tensor([RESOLUTION, RESOLUTION])
+    time_ids = family.time_ids(size, torch.zeros(2), size)
 
-    def predict(noisy, t, context, specs):
-        return unet(noisy, t, context).sample
+    def predict(noisy, t, context, pooled, specs):
+        ids = None if time_ids is None else time_ids.expand(noisy.shape[0], -1)
+        return family.predict(model, noisy, t, context, pooled, ids)
 
-    return train_noise_prediction(pipe, unet, predict, recipe, 3, "unet", log_every)
+    label = "unet" if family.denoiser_name == "unet" else family.denoiser_name[:4]
+    return train_noise_prediction(pipe, model, predict, recipe, 3, label, log_every)
 
 
 def evaluation_prompts(per_caption: int) -> tuple[list[str], list[str], list[str]]:
@@ -279,13 +286,14 @@ def evaluation_prompts(per_caption: int) -> tuple[list[str], list[str], list[str
 
 @torch.no_grad()
 def evaluate_base(
-    pipe: StableDiffusionPipeline,
+    pipe: Any,
     per_caption: int = 8,
     num_inference_steps: int = 25,
     guidance_scale: float = 2.5,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Sample every caption with diffusers' ``StableDiffusionPipeline``; toy-world metrics."""
+    """Sample every caption with the family's diffusers pipeline (``pipe``, e.g.
+    ``StableDiffusionPipeline``); toy-world metrics."""
     prompts, colours, shapes = evaluation_prompts(per_caption)
     images = pipe(
         prompts,
@@ -305,7 +313,7 @@ def evaluate_base(
     return result
 
 
-def _save_atomically(pipe: StableDiffusionPipeline, out: Path, extra: dict[str, str]) -> None:
+def _save_atomically(pipe: Any, out: Path, extra: dict[str, str]) -> None:
     """Write the folder next to ``out`` and swap it in, so ``out`` is never half-written."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -324,28 +332,53 @@ def model_card(meta: dict) -> str:
     """The README.md shipped beside the weights: what it is, how it was made, how good it is."""
     r = meta["recipe"]
     m = meta.get("metrics") or {}
-    p = meta["parameters"]
+    p = dict(meta["parameters"])
+    family = meta.get("family", "sd15")
+    pipeline = meta.get("pipeline", "StableDiffusionPipeline")
+    layout = {"sd15": "Stable Diffusion 1.5", "sdxl": "SDXL", "sd3": "SD3"}[family]
+    denoiser = "transformer" if "transformer" in p else "unet"
+    load = "" if family == "sd15" else f", family='{family}'"
+    shift = meta.get("shift_factor")
+    latent = (
+        f"8x8x{meta.get('latent_channels', 4)} latents, scaling_factor {meta['scaling_factor']:.4f}"
+        + (f", shift_factor {shift:.4f}" if shift is not None else "")
+    )
+    encoders = sum(v for k, v in p.items() if k.startswith("text_encoder"))
+    vae_line = (
+        f"the VAE of `{r['vae_from']}` (reused), then the"
+        if r.get("vae_from")
+        else f"VAE {r['vae_steps']} steps on both worlds (L1+MSE, KL weight {r['kl_weight']}), then"
+        " the"
+    )
+    command = (
+        f"python -m idgen.toyworld.pretrain --out <dir> --seed {r['seed']} --steps {r['steps']}"
+    )
+    if family != "sd15":
+        command += f" --family {family}"
+    command += (
+        f" --vae-from {r['vae_from']}" if r.get("vae_from") else f" --vae-steps {r['vae_steps']}"
+    )
+    command += f" --batch-size {r['batch_size']}"
     lines = [
-        "# idgen toy base",
+        f"# idgen toy base ({layout})" if family != "sd15" else "# idgen toy base",
         "",
         "A text-to-image model of the toy *open world* (one red/green/blue/yellow circle, square",
         "or triangle on a light, grey, beige, slate or, rarely (15 %), dark background, captioned",
-        "like `a red circle`: the caption never names the background) in Stable Diffusion 1.5",
-        "layout: `idgen.models.load_sd(<this folder>)` returns a diffusers `StableDiffusionPipeline`.",
+        f"like `a red circle`: the caption never names the background) in {layout} layout:",
+        f"`idgen.models.load_sd(<this folder>{load})` returns a diffusers `{pipeline}`.",
         f"{meta['resolution']}x{meta['resolution']} images, VAE factor {meta['vae_scale_factor']}"
-        f" (8x8x4 latents, scaling_factor {meta['scaling_factor']:.4f}); parameters: UNet"
-        f" {p['unet']:,}, VAE {p['vae']:,}, text encoder {p['text_encoder']:,} (random, frozen).",
+        f" ({latent}); parameters: {denoiser} {p[denoiser]:,}, VAE {p['vae']:,}, text"
+        f" encoder(s) {encoders:,} (random, frozen).",
         "",
         "## Recipe (`idgen/toyworld/pretrain.py`)",
         "",
         "```",
-        f"python -m idgen.toyworld.pretrain --out <dir> --seed {r['seed']} --steps {r['steps']}"
-        f" --vae-steps {r['vae_steps']} --batch-size {r['batch_size']}",
+        command,
         "```",
         "",
-        f"VAE {r['vae_steps']} steps on both worlds (L1+MSE, KL weight {r['kl_weight']}), then the"
-        f" UNet {r['steps']} steps at batch {r['batch_size']} on open-world images, lr {r['lr']}"
-        f" (warm-up, cosine), {r['caption_dropout']:.0%} caption dropout, EMA {r['ema_decay']}.",
+        f"{vae_line} {denoiser} {r['steps']} steps at batch {r['batch_size']} on open-world images,"
+        f" lr {r['lr']} (warm-up, cosine), {r['caption_dropout']:.0%} caption dropout, EMA"
+        f" {r['ema_decay']}.",
         f"Time on {r['threads']} CPU thread(s): "
         + ", ".join(
             f"{k.replace('_seconds', '')} {v / 60:.1f} min" for k, v in meta["timings"].items()
@@ -356,8 +389,9 @@ def model_card(meta: dict) -> str:
         "",
     ]
     if m:
+        scheduler = meta.get("scheduler", "PNDMScheduler").replace("Scheduler", "")
         lines += [
-            f"diffusers `StableDiffusionPipeline`, PNDM {int(m['num_inference_steps'])} steps, guidance"
+            f"diffusers `{pipeline}`, {scheduler} {int(m['num_inference_steps'])} steps, guidance"
             f" {m['guidance_scale']}, {int(m['n'])} samples (every caption {r['eval_per_caption']}x, seed 1234):",
             "",
             "| colour accuracy | shape accuracy | no object | dark background |"
@@ -381,37 +415,46 @@ def model_card(meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _build_or_reuse_vae(recipe: Recipe) -> AutoencoderKL:
+    """A fresh toy VAE for the family, or ``recipe.vae_from``'s trained one."""
+    channels = vae_latent_channels(recipe.family)
+    if not recipe.vae_from:
+        return build_vae(channels)
+    vae = AutoencoderKL.from_pretrained(Path(recipe.vae_from) / "vae")
+    if vae.config.latent_channels != channels:
+        raise ValueError(
+            f"--vae-from {recipe.vae_from}: its VAE has {vae.config.latent_channels} latent "
+            f"channels, a {recipe.family} base needs {channels}; train one (drop --vae-from)."
+        )
+    return vae
+
+
 def pretrain(out: str | os.PathLike, recipe: Recipe, log_every: int = 100) -> dict:
     """Run the whole recipe, save the base to ``out`` and return its metadata."""
     torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)
     np.random.seed(recipe.seed)
     timings: dict[str, float] = {}
-    # 1. tokenizer + frozen random text encoder of the tiny preset; fresh VAE and UNet
-    tiny = build_tiny_sd(seed=recipe.seed)
-    torch.manual_seed(recipe.seed)
-    vae = build_vae()
-    unet = build_unet(tiny.text_encoder.config.hidden_size)
-    pipe = sd_pipeline(
-        vae,
-        tiny.text_encoder.requires_grad_(False).eval(),
-        tiny.tokenizer,
-        unet,
-        PNDMScheduler.from_config(SD15_SCHEDULER_JSON),  # SD1.5's, clip_sample included
-    )
-    # 2. the VAE on both worlds, then its latent scale
-    start = time.time()
-    train_vae(vae, recipe, log_every)
-    vae.requires_grad_(False)
-    vae.register_to_config(scaling_factor=calibrate_scaling_factor(vae, recipe.seed))
-    timings["vae_seconds"] = time.time() - start
+    # 1. a fresh (or reused) VAE, then the family's toy base around it: the tiny preset's
+    # tokenizers and frozen random text encoders, a fresh denoiser, the family's scheduler
+    vae = _build_or_reuse_vae(recipe)
+    pipe = toy_pipeline(recipe.family, recipe.seed, vae)
+    family = family_of(pipe)
+    denoiser = family.denoiser(pipe)
+    # 2. the VAE on both worlds, then its latent scale (and shift)
+    if not recipe.vae_from:
+        start = time.time()
+        train_vae(vae, recipe, log_every)
+        vae.register_to_config(**calibrate_latent_scale(vae, recipe.seed))
+        timings["vae_seconds"] = time.time() - start
+    vae.requires_grad_(False).eval()
     vae_metrics = reconstruction_metrics(vae, recipe.seed)
     print(f"vae reconstructions: {json.dumps(vae_metrics)}", flush=True)
-    # 3. the text-to-image UNet on the open world
+    # 3. the text-to-image denoiser on the open world
     start = time.time()
-    ema = train_unet(pipe, recipe, log_every)
-    ema.copy_to(unet)
-    timings["unet_seconds"] = time.time() - start
+    ema = train_denoiser(pipe, recipe, log_every)
+    ema.copy_to(denoiser)
+    timings[f"{family.denoiser_name}_seconds"] = time.time() - start
     # 4. measure what we ship
     metrics = {}
     if recipe.eval_per_caption:
@@ -420,15 +463,22 @@ def pretrain(out: str | os.PathLike, recipe: Recipe, log_every: int = 100) -> di
             pipe, recipe.eval_per_caption, recipe.eval_steps, recipe.guidance_scale, seed=1234
         )
         timings["eval_seconds"] = time.time() - start
+    parts = ("vae", "text_encoder", "text_encoder_2", family.denoiser_name)
     params = {
         name: sum(p.numel() for p in getattr(pipe, name).parameters())
-        for name in ("vae", "text_encoder", "unet")
+        for name in parts
+        if getattr(pipe, name, None) is not None
     }
     meta = {
+        "family": family.name,
+        "pipeline": family.txt2img.__name__,
         "recipe": asdict(recipe),
         "resolution": RESOLUTION,
         "vae_scale_factor": 2 ** (len(vae.config.block_out_channels) - 1),
+        "latent_channels": vae.config.latent_channels,
         "scaling_factor": vae.config.scaling_factor,
+        "shift_factor": getattr(vae.config, "shift_factor", None),
+        "scheduler": type(pipe.scheduler).__name__,
         "parameters": params,
         "timings": timings,
         "metrics": metrics,

@@ -73,7 +73,7 @@ def train_controlnet(sd, controlnet: ControlNetModel, recipe: Recipe, log_every:
     unet = sd.unet.requires_grad_(False).eval()
     sd.vae.requires_grad_(False).eval()
 
-    def predict(noisy, t, context, specs):
+    def predict(noisy, t, context, pooled, specs):
         # the mask alone must place the object too: captions are dropped as for the base
         down, mid = controlnet(
             noisy, t, context, controlnet_cond=condition_tensor(specs), return_dict=False
