@@ -137,7 +137,6 @@ def check_family_features(cfg: DictConfig, family_name: str) -> None:
     wanted = []  # (feature, key, value) the family must implement
     module = str(get(cfg, "module._target_") or "")
     if module.endswith("BaselineModule"):
-        wanted.append(("baselines", "module", module.rsplit(".", 1)[-1]))
         method = str(get(cfg, "module.method._target_") or "")
         if method:  # the method class says which feature it needs (methods import diffusers)
             from hydra.utils import get_class
@@ -147,6 +146,8 @@ def check_family_features(cfg: DictConfig, family_name: str) -> None:
             except (ImportError, ValueError):
                 feature = "baselines"  # an unknown class: instantiating it names it
             wanted.append((feature, "module.method", method.rsplit(".", 1)[-1]))
+    if get(cfg, "baseline_model") and get(cfg, "sampler.baseline_mode") == "rectify":
+        wanted.append(("baseline_rectify", "sampler.baseline_mode", "rectify"))
     for key, feature in (
         ("baseline_model", "baseline_sampling"),
         ("sampler.controlnet", "controlnet"),

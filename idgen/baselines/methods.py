@@ -61,21 +61,40 @@ class BaselineMethod:
 
 
 class FullFinetune(BaselineMethod):
-    """Vanilla fine-tuning: every UNet parameter; exported as plain diffusers UNet weights."""
+    """Vanilla fine-tuning: every parameter of the denoiser (SD's UNet, SD3's transformer);
+    exported as plain diffusers weights in the pipeline's folder name (``unet/``,
+    ``transformer/``), so ``<pipeline>.from_pretrained(base, unet=...)`` reads it."""
 
     name = "finetune"
+    # the one baseline every family has: it needs nothing but the family's denoiser
+    feature = "baseline_finetune"
 
-    def prepare(self, unet: UNet2DConditionModel) -> None:
+    def prepare(self, unet: nn.Module) -> None:
         unet.requires_grad_(True)
 
     def save_unet(self, unet, folder, pipeline_class=None) -> None:
-        unet.save_pretrained(folder / UNET_DIR)
+        unet.save_pretrained(folder / denoiser_dir(unet))
 
     @classmethod
     def load_unet(cls, folder: Path, pipe: Any, config: dict) -> None:
-        base = pipe.unet
-        unet = UNet2DConditionModel.from_pretrained(folder / UNET_DIR, torch_dtype=base.dtype)
-        pipe.register_modules(unet=unet.to(base.device))
+        from idgen.models.family import family_of
+
+        name = family_of(pipe).denoiser_name
+        base = getattr(pipe, name)
+        path = folder / name
+        if not path.is_dir():
+            found = [p.name for p in folder.iterdir() if (p / "config.json").is_file()]
+            raise ValueError(
+                f"baseline export '{folder}' has no {name}/ for this base's denoiser "
+                f"(it holds {found or 'no model folder'}); was it trained on another family?"
+            )
+        model = type(base).from_pretrained(path, torch_dtype=base.dtype)
+        pipe.register_modules(**{name: model.to(base.device)})
+
+
+def denoiser_dir(model: nn.Module) -> str:
+    """The pipeline folder name of a denoiser: ``unet`` or (SD3's MMDiT) ``transformer``."""
+    return UNET_DIR if isinstance(model, UNet2DConditionModel) else "transformer"
 
 
 class LoRA(BaselineMethod):

@@ -67,9 +67,10 @@ class ModelFamily:
     #: ``prediction_type``) or ``"flow_matching"`` (velocity ``noise - x0``, SD3)
     training_objective: str = "denoising"
     #: what idgen implements on this family beyond training and decoupled sampling
-    #: (``"baselines"``: the Table-1 baselines that adapt the UNet, ``"baseline_tokens"``: those
-    #: learning a placeholder token, ``"baseline_sampling"``: ``baseline_model=`` at sampling,
-    #: ``"controlnet"``, ``"sds"``: idgen-3d)
+    #: (``"baseline_finetune"``: vanilla fine-tuning of the denoiser, ``"baselines"``: the other
+    #: Table-1 baselines that adapt the UNet (LoRA, OFT), ``"baseline_tokens"``: those learning a
+    #: placeholder token, ``"baseline_sampling"``: ``baseline_model=`` at sampling,
+    #: ``"baseline_rectify"``: its rectified mode, ``"controlnet"``, ``"sds"``: idgen-3d)
     features: frozenset[str] = frozenset()
 
     def require(self, feature: str, key: str, value: Any) -> None:
@@ -297,7 +298,15 @@ FAMILIES: dict[str, ModelFamily] = {
         default_resolution=512,
         build_tiny=build_tiny_sd,
         features=frozenset(
-            {"baselines", "baseline_tokens", "baseline_sampling", "controlnet", "sds"}
+            {
+                "baseline_finetune",
+                "baselines",
+                "baseline_tokens",
+                "baseline_sampling",
+                "baseline_rectify",
+                "controlnet",
+                "sds",
+            }
         ),
         load_kwargs=(
             ("safety_checker", None),
@@ -332,7 +341,16 @@ FAMILIES: dict[str, ModelFamily] = {
         # baselines: fine-tuning, LoRA and OFT (UNet-side), trained with SDXL's pooled features
         # and time_ids, exported for StableDiffusionXLPipeline and sampled (baseline_model=);
         # not yet those learning a token (both encoders)
-        features=frozenset({"baselines", "baseline_sampling", "controlnet", "sds"}),
+        features=frozenset(
+            {
+                "baseline_finetune",
+                "baselines",
+                "baseline_sampling",
+                "baseline_rectify",
+                "controlnet",
+                "sds",
+            }
+        ),
     ),
     "sd3": SD3Family(
         name="sd3",
@@ -360,11 +378,16 @@ FAMILIES: dict[str, ModelFamily] = {
         build_tiny=build_tiny_sd3,
         denoiser_name="transformer",
         training_objective="flow_matching",
+        # vanilla fine-tuning of the transformer (the toy Table 1's baseline), exported for
+        # StableDiffusion3Pipeline and sampled with baseline_model=
+        features=frozenset({"baseline_finetune", "baseline_sampling"}),
     ),
 }
 
 FEATURE_NAMES = {
-    "baselines": "the Table-1 baselines",
+    "baseline_finetune": "the vanilla fine-tuning baseline",
+    "baselines": "the Table-1 baselines that adapt the UNet (LoRA, OFT)",
+    "baseline_rectify": "sampling a baseline rectified by the frozen base (baseline_mode=rectify)",
     "baseline_tokens": "a baseline that learns a placeholder token (textual inversion, Custom "
     "Diffusion)",
     "baseline_sampling": "sampling an exported baseline (baseline_model)",

@@ -114,7 +114,6 @@ class BaselineModule(DiffusionTrainingModule):
         # The family says what the base needs (SDXL: a second text encoder, pooled features,
         # each image's time_ids) and whether idgen implements this method on it.
         self.family = family_of(pipe)
-        self.family.require("baselines", "module", type(self).__name__)
         self.family.require(self.method.feature, "module.method", self.method.name)
         self._base = pipe
         self.vae = freeze(pipe.vae.to(self.frozen_dtype))
@@ -125,8 +124,9 @@ class BaselineModule(DiffusionTrainingModule):
         self._scheduler = pipe.scheduler
         self._setup_noise(pipe)
 
-        # 1. The UNet: frozen, then the method makes its part trainable (fp32 for training).
-        unet = freeze(pipe.unet).float()
+        # 1. The denoiser (``self.unet``: SD's UNet, SD3's transformer): frozen, then the
+        # method makes its part trainable (fp32 for training).
+        unet = freeze(self.family.denoiser(pipe)).float()
         self.method.prepare(unet)
         if self.method.trains_unet:
             unet.train()
@@ -214,7 +214,7 @@ class BaselineModule(DiffusionTrainingModule):
         ``StableDiffusionXLPipeline``) over the module's own (trained) components, for sampling."""
         if self.token_vectors is not None:
             write_vectors(self.text_encoder, self.token_vectors.detach(), self.first_token_id)
-        return self.family.txt2img.from_pipe(self._base, unet=self.unet)
+        return self.family.txt2img.from_pipe(self._base, **{self.family.denoiser_name: self.unet})
 
     def metadata(self) -> dict[str, object]:
         return super().metadata() | {

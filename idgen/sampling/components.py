@@ -83,8 +83,13 @@ def load_components(
     if baseline_model:
         from idgen.baselines import load_baseline_pipeline
 
+        from idgen.models.family import family_of
+
+        family = family_of(sd)
+        if rectify:
+            family.require("baseline_rectify", "sampler.baseline_mode", s.baseline_mode)
         baseline = load_baseline_pipeline(existing(baseline_model, "baseline_model"), sd)
-        baseline.unet.requires_grad_(False).eval()
+        family.denoiser(baseline).requires_grad_(False).eval()
         if rectify:
             out.baseline = baseline  # SD stays the base: its uncond rectifies the baseline
             out.baseline_term = _baseline_term_spec(s.extra_guidance)
