@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.idgen-installed
 OFFLINE := HF_HUB_OFFLINE=1 WANDB_MODE=offline
 
-.PHONY: install demo test lint format device-wheels
+.PHONY: install demo table1-sdxl table1-sd3 test lint format device-wheels
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,14 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(OFFLINE) $(PY) -m idgen.toyworld.job --out outputs/toyworld
+
+# The toy Table 1's rows on the SDXL and SD3 toy bases (the demo's job, another family's base):
+# outputs/toyworld_sdxl/, outputs/toyworld_sd3/ (results.md, comparison.png).
+table1-sdxl: $(STAMP)
+	$(OFFLINE) $(PY) -m idgen.toyworld.job --family sdxl --out outputs/toyworld_sdxl
+
+table1-sd3: $(STAMP)
+	$(OFFLINE) $(PY) -m idgen.toyworld.job --family sd3 --out outputs/toyworld_sd3
 
 # One pytest worker per CPU this process may use (affinity and cgroup quota, as idgen-train
 # decides its threads; TEST_JOBS=N overrides), one torch thread per worker (tests/conftest.py;

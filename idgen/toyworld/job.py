@@ -1,13 +1,16 @@
 """The toy world end to end: the README's main job, through idgen-train/-sample/-eval's own code.
 
     python -m idgen.toyworld.job [--out outputs/toyworld] [--steps 400] [--threads 1]
+    python -m idgen.toyworld.job --family sdxl    # the same on the SDXL toy base (sd3: SD3's)
 
 Into one folder: the domain images (dark backgrounds, unlabeled), ours (text-feature inversion
 then null-text fine-tuning, ``experiment=toyworld``), the vanilla fine-tuning baseline on the
 same budget (``experiment=toyworld_finetune``), samples of the base, the baseline and ours on
 the same colour prompts and seeds (``idgen-sample``), their metrics (``idgen-eval
 metrics=toyworld``), ``comparison.png`` (rows: base, fine-tuned, ours; columns: prompts) and
-``results.md`` / ``results.json``. A rerun skips finished stages: trained models are kept,
+``results.md`` / ``results.json``. ``--family`` picks the toy base (``model=toyworld``,
+``toyworld_sdxl``, ``toyworld_sd3``: the same open world pretrained in each family's layout,
+``idgen.toyworld.bases``); the commands are otherwise the same. A rerun skips finished stages: trained models are kept,
 finished images are not redrawn. Each stage is the CLI's function called in this process on
 the config the CLI would compose (``train``, ``sample``, ``evaluate``).
 """
@@ -56,6 +59,18 @@ def compose_run(config_name: str, run_dir: Path, overrides: Sequence[str]) -> Di
     return cfg
 
 
+#: the toy base of each model family (``idgen/conf/model/``)
+TOY_MODELS = {"sd15": "toyworld", "sdxl": "toyworld_sdxl", "sd3": "toyworld_sd3"}
+
+
+def model_overrides(args: argparse.Namespace) -> list[str]:
+    """The family's toy base (``--family``), or the folder ``--base`` names instead."""
+    overrides = [f"model={TOY_MODELS[args.family]}"]
+    if args.base is not None:
+        overrides.append(f"model.pretrained={args.base.resolve()}")
+    return overrides
+
+
 def common_overrides(args: argparse.Namespace) -> list[str]:
     """Where data, caches and logs go: all under ``args.out``."""
     out = args.out.resolve()
@@ -72,6 +87,7 @@ def training_overrides(args: argparse.Namespace, experiment: str) -> list[str]:
     out = args.out.resolve()
     overrides = [
         f"experiment={experiment}",
+        *model_overrides(args),
         *common_overrides(args),
         f"data.root={out / 'domain'}",
         "callbacks.progress_bar.refresh_rate=0",
@@ -131,15 +147,13 @@ def sample_row(args: argparse.Namespace, row: str, ours: Path, finetuned: Path) 
 
     run_dir = args.out.resolve() / "samples" / row
     model = {
-        "base": ["model=toyworld", "sampler=cfg", f"sampler.w_c={args.w_c}"],
+        "base": ["sampler=cfg", f"sampler.w_c={args.w_c}"],
         "finetune": [
-            "model=toyworld",
             f"baseline_model={finetuned}",
             "sampler=cfg",
             f"sampler.w_c={args.w_c}",
         ],
         "ours": [
-            "model=toyworld",
             "sampler=decoupled",
             f"domain_model={ours}",
             "sampler.weights=fixed",
@@ -148,7 +162,6 @@ def sample_row(args: argparse.Namespace, row: str, ours: Path, finetuned: Path) 
         ],
         # the paper's automatic initial weights: w0/2 * |eps_sd| / |eps_i| at the first step
         "ours_auto": [
-            "model=toyworld",
             "sampler=decoupled",
             f"domain_model={ours}",
             "sampler.weights=auto",
@@ -157,6 +170,7 @@ def sample_row(args: argparse.Namespace, row: str, ours: Path, finetuned: Path) 
     }[row]
     prompts = ",".join(f"'{p}'" for p in args.prompts)
     overrides = [
+        *model_overrides(args),
         *model,
         *common_overrides(args),
         f"sampler.num_inference_steps={args.sample_steps}",
@@ -203,7 +217,21 @@ def _train_in_worker(method: str, args: argparse.Namespace) -> tuple[Path, dict]
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("outputs/toyworld"), help="output folder")
+    p.add_argument(
+        "--family",
+        choices=sorted(TOY_MODELS),
+        default="sd15",
+        help="the toy base's model family (default sd15)",
+    )
+    p.add_argument(
+        "--base",
+        type=Path,
+        default=None,
+        help="a toy base folder of that family (default: shipped)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="output folder (outputs/toyworld[_<family>])"
+    )
     p.add_argument(
         "--steps",
         type=int,
@@ -229,7 +257,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="train ours and the baseline side by side in 2 processes (1: one after the other)",
     )
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out is None:
+        suffix = "" if args.family == "sd15" else f"_{args.family}"
+        args.out = Path(f"outputs/toyworld{suffix}")
+    return args
 
 
 def _train_side_by_side(args: argparse.Namespace):
@@ -273,6 +305,8 @@ def run(args: argparse.Namespace) -> dict:
     results = {
         "rows": {row: _row_summary(metrics[row]) for row in ROWS},
         "settings": {
+            "family": args.family,
+            "base": str(args.base) if args.base is not None else TOY_MODELS[args.family],
             "budget": {"ours": ours_budget, "finetune": finetune_budget},
             "w_d": args.w_d,
             "w_c": args.w_c,

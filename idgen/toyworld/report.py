@@ -9,6 +9,7 @@ ROW_NAMES = {
     "ours": "ours",
     "ours_auto": "ours, the paper's automatic weights",
 }
+FAMILY_TITLES = {"sd15": "SD1.5", "sdxl": "SDXL", "sd3": "SD3"}
 COLUMNS = (
     ("colour_accuracy", "colour acc ↑"),
     ("shape_accuracy", "shape acc"),
@@ -26,15 +27,19 @@ def results_markdown(results: dict) -> str:
     """Markdown: the table (one row per method), then settings, timings and machine load."""
     s = results["settings"]
     b = s["budget"]["finetune"]
+    family = s.get("family", "sd15")
+    title = "" if family == "sd15" else f" ({FAMILY_TITLES.get(family, family)} toy base)"
+    # SD3's flow-matching Euler is kept for "dpm++" (idgen.pipelines.InDomainSD3Pipeline)
+    solver = "flow-matching Euler" if family == "sd3" else "DPM-Solver++"
     lines = [
-        "# Toy world: base vs vanilla fine-tuning vs ours",
+        f"# Toy world{title}: base vs vanilla fine-tuning vs ours",
         "",
         f"Same prompts and seeds in every row: {len(s['prompts'])} prompts x "
-        f"{s['images_per_prompt']} images, DPM-Solver++ {s['sample_steps']} steps, text "
+        f"{s['images_per_prompt']} images, {solver} {s['sample_steps']} steps, text "
         f"guidance w_c={s['w_c']}; ours adds domain guidance w_d={s['w_d']} (the automatic "
         f"weights row: w0={s.get('w0', 7.0)}, weights set per sample at the first step). Training budget: "
         f"{b['steps']} steps at batch {b['batch_size']}, lr {b['lr']:g} on {b['num_images']} "
-        f"domain images for ours' null-text UNet and for the baseline (ours also "
+        f"domain images for ours' null-text {'transformer' if family == 'sd3' else 'UNet'} and for the baseline (ours also "
         f"{s['budget']['ours']['inversion_steps']} steps of text-feature inversion).",
         "",
         "| method | " + " | ".join(title for _, title in COLUMNS) + " | n |",
