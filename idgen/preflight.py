@@ -581,6 +581,8 @@ def check_logger(cfg: DictConfig) -> None:
 
 def validate_train(cfg: DictConfig) -> None:
     """Every user-set value idgen-train needs, checked before data is scanned or models built."""
+    if cfg.get("plan"):
+        return  # plan=...: idgen.train plans first, needing neither the data nor the device
     stage = check_train_run(cfg)
     geometry = check_base_model(cfg)
     check_train_data(cfg, geometry)

@@ -108,14 +108,14 @@ def test_plan_counts_match_the_models_built_on_meta():
     from idgen.models import NullTextUNet
 
     sizes = sizes_from_layout("sd15")
-    assert sizes.unet_params == 859_520_964
+    assert sizes.denoiser_params == 859_520_964
     with torch.device("meta"):
         domain = NullTextUNet(unet_config=dict(SD15_UNET))
     assert sizes.domain_params == sum(p.numel() for p in domain.parameters())
     assert sizes.vae_params == 83_653_863
     assert sizes.text_encoder_params == 123_060_480
     xl = sizes_from_layout("sdxl")
-    assert xl.unet_params == 2_567_463_684
+    assert xl.denoiser_params == 2_567_463_684
 
 
 def test_ema_swap_uses_no_copy_and_restores_the_weights():

@@ -4,6 +4,7 @@ of every run, and a clear stop when the run cannot fit the device's free memory.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +18,11 @@ from idgen.memory.sizes import (
     sizes_from_layout,
     sizes_from_pipeline,
 )
-from idgen.models.layouts import TRUE_SIZE
+from idgen.models.family import family_named, family_of
+from idgen.models.layouts import TRUE_SIZE, layout_name
 from idgen.utils.validation import ConfigError, UserInputError
 
 log = logging.getLogger(__name__)
-
-#: a folder's model_index.json ``_class_name`` -> the family idgen plans it as
-PIPELINE_FAMILIES = {
-    "StableDiffusionPipeline": "sd15",
-    "StableDiffusionXLPipeline": "sdxl",
-}
 
 
 class MemoryPlanError(UserInputError, MemoryError):
@@ -45,30 +41,33 @@ def settings_of(cfg: DictConfig) -> MemorySettings:
     return settings
 
 
-def model_sizes(cfg: DictConfig, family: str | None = None) -> ModelSizes:
-    """Parameter shapes of the configured base model, or of ``family``'s true size."""
-    if family is not None:
-        if family not in TRUE_SIZE:
-            raise ConfigError("plan", family, "is not a family idgen can plan", _plan_fix())
-        return sizes_from_layout(family)
+def model_sizes(cfg: DictConfig, layout: str | None = None) -> ModelSizes:
+    """Parameter shapes of the configured base model, or of the true-size ``layout``
+    (``plan=sdxl``, ``plan=sd35_large``: :data:`~idgen.models.layouts.TRUE_SIZE`)."""
+    if layout is not None:
+        if layout not in TRUE_SIZE:
+            raise ConfigError("plan", layout, "is not a model idgen can plan", _plan_fix())
+        return sizes_from_layout(layout)
     model = cfg.model
     pretrained = model.get("pretrained")
-    if pretrained and (Path(str(pretrained)) / "unet" / "config.json").is_file():
+    family = family_named(str(model.get("family", "sd15")))
+    if pretrained and Path(str(pretrained)).is_dir():
         folder = Path(str(pretrained))
-        return sizes_from_folder(folder, _folder_family(folder))
-    if pretrained:  # a hub id: the family's published layout (nothing downloaded)
-        return sizes_from_layout(str(model.get("family", "sd15")))
+        if (folder / family.denoiser_name / "config.json").is_file():
+            return sizes_from_folder(folder, _folder_family(folder, family.name))
+    if pretrained:  # a hub id (or single file): its published layout, nothing downloaded
+        return sizes_from_layout(layout_name(family.name, str(pretrained)))
     from hydra.utils import instantiate
 
     return sizes_from_pipeline(instantiate(model)())  # a built model (tiny): cheap to build
 
 
-def _folder_family(folder: Path) -> str:
-    import json
-
-    index = folder / "model_index.json"
-    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
-    return PIPELINE_FAMILIES.get(str(name), "sd15")
+def _folder_family(folder: Path, configured: str) -> str:
+    """The folder's family (its ``model_index.json``), else the configured one."""
+    try:
+        return family_of(folder).name
+    except UserInputError:
+        return configured
 
 
 def _plan_fix() -> str:
@@ -100,6 +99,7 @@ def run_shapes(cfg: DictConfig) -> list[RunShape]:
         precision=str(trainer.get("precision", "32-true")),
         accelerator=accelerator,
         config_optimizer=_optimizer_class(cfg),
+        load_dtype=(cfg.get("model") or {}).get("torch_dtype"),
     )
     stage = cfg.get("stage", "all")
     shapes = []
@@ -120,11 +120,12 @@ def runtime_bytes() -> float:
 
 
 def plans_for(
-    cfg: DictConfig, family: str | None = None, fits: bool = True
+    cfg: DictConfig, layout: str | None = None, fits: bool = True
 ) -> list[tuple[Plan, dict[int, str]]]:
-    """The plan of each stage of ``cfg`` and (``fits``) which GPU sizes it fits."""
+    """The plan of each stage of ``cfg`` (of the true-size ``layout`` when given) and
+    (``fits``) which GPU sizes it fits."""
     settings = settings_of(cfg)
-    sizes = model_sizes(cfg, family)
+    sizes = model_sizes(cfg, layout)
     runtime = runtime_bytes()
     out = []
     for shape in run_shapes(cfg):
@@ -161,16 +162,11 @@ def plan_or_stop(cfg: DictConfig) -> bool:
     """Log the plan; ``plan=true`` prints it and returns True (nothing else runs); a run whose
     planned peak exceeds the device's free memory stops here with the table (exit 2)."""
     requested = cfg.get("plan", False)
-    family = requested if isinstance(requested, str) and requested != "true" else None
-    configured = (cfg.get("model") or {}).get("family")  # model=sd3 / tiny_sd3 name theirs
-    if family is None and configured is not None and configured not in TRUE_SIZE:
-        # no layout to plan from yet (SD3's MMDiT): say so and train without a plan
-        log.info("memory plan: not available for model family %s yet", configured)
-        return bool(requested)
+    layout = requested if isinstance(requested, str) and requested != "true" else None
     settings = settings_of(cfg)  # bad memory options: one clear error, before anything else
     # the GPU sizes a run would fit are planned when asked for (plan=true) or when it does
     # not fit here (the suggestion); the run's own plan takes a second
-    plans = plans_for(cfg, family, fits=bool(requested))
+    plans = plans_for(cfg, layout, fits=bool(requested))
     text = "\n".join(plan.table(fits) for plan, fits in plans)
     if requested:
         print(text)
@@ -188,16 +184,32 @@ def plan_or_stop(cfg: DictConfig) -> bool:
     free, what = free_bytes(worst.shape.accelerator)
     if worst.peak <= free:
         return False
-    text = "\n".join(plan.table(fits) for plan, fits in plans_for(cfg, family))
-    sizes = model_sizes(cfg)
-    least = lowest(sizes, settings, worst.shape, runtime_bytes())
-    if least.peak > free:
+    text = "\n".join(plan.table(fits) for plan, fits in plans_for(cfg, layout))
+    sizes = model_sizes(cfg, layout)
+    runtime = runtime_bytes()
+
+    def least_of(**change: Any) -> Plan:  # the lowest plan of the stage that needs the most
+        shapes = [replace(plan.shape, **change) for plan, _ in plans]
+        return max((lowest(sizes, settings, s, runtime) for s in shapes), key=lambda p: p.peak)
+
+    least = least_of()
+    # a CPU run also loads the base in float32 unless model.torch_dtype says otherwise
+    half = least_of(load_dtype="bfloat16")
+    if least.peak <= free:
+        hint = (
+            f"try memory=low ({least.peak / GB:.1f} GB planned) or the overrides listed per "
+            "GPU size below"
+        )
+    elif worst.device == "cpu" and half.peak <= free:
+        hint = (
+            f"memory=low model.torch_dtype=bfloat16 fits ({half.peak / GB:.1f} GB planned: the "
+            "base loads in bfloat16 instead of float32)"
+        )
+    else:
         hint = (
             f"not even idgen's lowest-memory settings fit ({least.peak / GB:.1f} GB planned): "
             "lower data.batch_size or data.resolution, or use a larger device"
         )
-    else:
-        hint = "try memory=low (or the overrides listed per GPU size below)"
     raise MemoryPlanError(
         f"the run needs about {worst.peak / GB:.1f} GB but {what} is {free / GB:.1f} GB; "
         f"{hint}. Plan:\n{text}"

@@ -8,7 +8,7 @@ and the activations autograd saves (a forward pass on fake tensors): see
 
 - the trained network's weights, gradients, optimizer state and (``memory.ema=device``) EMA sit
   on the training device; the frozen VAE too;
-- the base UNet and text encoder(s) that validation grids sample with stay in host memory in
+- the base denoiser (UNet or SD3's transformer) and text encoder(s) that validation grids sample with stay in host memory in
   ``memory.frozen_dtype`` and join the device only while a grid is drawn;
 - on a CPU run everything is host memory, plus the process's own runtime (Python, torch and the
   libraries: measured, not guessed, as the planning process's resident memory).
@@ -24,6 +24,7 @@ import torch
 
 from idgen.memory.settings import MemorySettings, frozen_dtype
 from idgen.memory.sizes import ModelSizes, activation_bytes
+from idgen.utils.dtypes import parse_optional_dtype
 
 GB = 1e9
 #: common GPU sizes the plan reports against (GB as sold: 24 GB cards hold ~23.6 GiB usable)
@@ -62,6 +63,7 @@ class RunShape:
     validation: bool = True  # validation grids drawn during fine-tuning
     config_optimizer: str = "AdamW"  # module.optimizer's class when memory.optimizer=config
     ema_decay: float = 0.9999
+    load_dtype: str | None = None  # model.torch_dtype: the base loads in it (None: float32)
 
 
 @dataclass
@@ -82,7 +84,8 @@ class Plan:
         s = self.shape
         lines = [
             f"memory plan: stage {s.stage}, batch {s.batch}, {s.resolution}px, "
-            f"precision {s.precision}, {where}",
+            f"precision {s.precision}, {where}"
+            + (f", base loaded in {s.load_dtype}" if s.load_dtype else ""),
             f"  options: {_describe(self.settings)}",
         ]
         width = max(len(k) for k in self.parts) + 2
@@ -142,11 +145,15 @@ def estimate(
     weight_b = 2 if precision in ("bf16-true", "16-true") else 4
     autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     parts: dict[str, float] = {}
-    base = sizes.unet_params * 4 + sizes.text_encoder_params * 4 + sizes.vae_params * 4
-    # Loading (host memory): the base in float32, and while idgen.models.loading.own_weights
-    # copies a component out of its memory-mapped file both copies are resident; the UNet is
-    # the largest component.
-    loading = base + sizes.unet_params * 4
+    denoiser = sizes.denoiser_values  # parameters and buffers (SD3's position table)
+    # the base as loaded (model.torch_dtype; float32 when unset)
+    lb = torch.finfo(parse_optional_dtype(shape.load_dtype, "model.torch_dtype") or torch.float32)
+    lb = lb.bits // 8
+    base = (denoiser + sizes.text_encoder_params + sizes.vae_params) * lb
+    # Loading (host memory): the base in its dtype, and while idgen.models.loading.own_weights
+    # copies a component out of its memory-mapped file both copies are resident: the largest
+    # component's (the denoiser; SD3.5 Medium with T5: T5-XXL's encoder).
+    loading = base + max(denoiser, sizes.largest_text_encoder) * lb
     if not cuda:
         parts["runtime (Python, torch, libraries)"] = runtime_bytes
     acts = activation_bytes(
@@ -159,11 +166,16 @@ def estimate(
         checkpointing=settings.gradient_checkpointing,
     )
     if shape.stage == "inversion":
-        # frozen UNet + VAE; the text encoder encodes the prompt once and is dropped
-        parts["frozen UNet + VAE"] = (sizes.unet_params + sizes.vae_params) * fb
+        # frozen denoiser + VAE; the text encoder encodes the prompt once and is dropped
+        parts["frozen denoiser + VAE"] = (denoiser + sizes.vae_params) * fb
         parts["activations"] = acts
         fixed = sum(parts.values())
-        setup = (0 if cuda else parts.get("runtime (Python, torch, libraries)", 0)) + loading
+        # the base loads in host memory: on a GPU run the device gets the frozen parts only
+        setup = (
+            parts["frozen denoiser + VAE"]
+            if cuda
+            else parts["runtime (Python, torch, libraries)"] + loading
+        )
         train = fixed
         phases = {"setup (loading the base model)": setup, "train step": train}
         phase = max(phases, key=phases.get)
@@ -172,7 +184,9 @@ def estimate(
     n = sizes.domain_params
     shapes = sizes.domain_shapes
     largest = max(math.prod(s) for s in shapes) * 4
-    parts["weights (trained, fp32)" if weight_b == 4 else "weights (trained, half)"] = n * weight_b
+    # the domain model's weights: its trained parameters and the denoiser's buffers
+    weights = (n + sizes.denoiser_buffers) * weight_b
+    parts["weights (trained, fp32)" if weight_b == 4 else "weights (trained, half)"] = weights
     parts["gradients"] = 2 * largest if settings.fused_backward else n * weight_b
     parts["optimizer state"] = optimizer_state_bytes(_optimizer_name(settings, shape), shapes)
     ema_b = n * (2 if settings.ema_dtype == "bfloat16" else 4)
@@ -180,11 +194,10 @@ def estimate(
     parts["EMA"] = ema_b if ema_on_device and settings.ema != "off" else 0.0
     parts["frozen VAE"] = sizes.vae_params * fb
     parts["activations"] = acts
-    sampling = (sizes.unet_params + sizes.text_encoder_params) * fb if shape.validation else 0.0
+    sampling = (denoiser + sizes.text_encoder_params) * fb if shape.validation else 0.0
     # on a GPU the sampling parts wait in host memory; on a CPU run they are the same RAM
-    parts["validation (base UNet + text encoder)"] = sampling
+    parts["validation (base denoiser + text encoders)"] = sampling
     runtime = parts.get("runtime (Python, torch, libraries)", 0.0)
-    weights = n * weight_b
     # A training step: everything but the sampling parts, which are off the device on a GPU.
     held = runtime + weights + parts["optimizer state"] + parts["EMA"] + parts["frozen VAE"]
     train = held + parts["gradients"] + acts + (0 if cuda else sampling)
@@ -195,7 +208,7 @@ def estimate(
         swap = 0 if cuda else weights  # the backup goes to host memory
     keep_grads = 0 if settings.set_to_none or settings.fused_backward else parts["gradients"]
     validation = held + keep_grads + sampling + swap if shape.validation else 0.0
-    # Setup: the base model loaded in float32, plus the null-text UNet copied from it.
+    # Setup: the base model as loaded, plus the (float32) domain model copied from it.
     # (on a GPU run the base loads in host memory; the device gets the weights and the VAE)
     setup = runtime + max(loading, base + weights) if not cuda else weights + parts["frozen VAE"]
     # Checkpoints and the export stream to disk (no serialised copy in memory); the export

@@ -1,9 +1,13 @@
 """What a memory plan needs to know of a model: parameter shapes and activation bytes, from
-configs alone (the ``meta`` device and fake tensors: no weights, seconds even for SDXL).
+configs alone (the ``meta`` device and fake tensors: no weights, seconds even for SDXL or
+SD3.5 Large).
 
-A model comes from one of three places: a diffusers folder (its ``*/config.json``), a family's
-true-size layout (:data:`idgen.models.layouts.TRUE_SIZE`, e.g. ``"sd15"``, ``"sdxl"``) or an
-already-built pipeline (the tiny model). A new family (SD3, ...) plugs in by adding its layout.
+A model comes from one of three places: a diffusers folder (its ``*/config.json``), a true-size
+layout (:data:`idgen.models.layouts.TRUE_SIZE`, e.g. ``"sd15"``, ``"sdxl"``, ``"sd35_medium"``)
+or an already-built pipeline (the tiny models). What differs between families (the denoiser's
+class, the domain model's parameters, one training step's forward) the family answers
+(:class:`idgen.models.family.ModelFamily`'s memory-plan methods); a new family plugs in there
+and with its layout.
 """
 
 from __future__ import annotations
@@ -18,60 +22,49 @@ from typing import Any
 import torch
 from torch import nn
 
+from idgen.models.family import FAMILIES, family_of
 from idgen.models.layouts import CLIP_VOCAB_SIZE, TRUE_SIZE
 
-#: models below this many UNet parameters are measured with real tensors (milliseconds)
+#: models below this many denoiser parameters are measured with real tensors (milliseconds)
 SMALL_MODEL = 20_000_000
-#: families whose text conditioning is cross-attention that the null-text UNet replaces
-TEXT_TIME = "text_time"
 
 
 @dataclass
 class ModelSizes:
-    """Parameter shapes of a base model's parts and the configs to build them on ``meta``."""
+    """Parameter shapes of a base model's parts and the configs to build them on ``meta``.
 
-    family: str
-    unet_config: dict[str, Any]
+    ``denoiser_*``: the UNet (SD1.5, SDXL) or the MMDiT transformer (SD3); its buffers (SD3's
+    position-embedding table) are held by every copy of it as its weights are.
+    """
+
+    family: str  # the model family's name (FAMILIES)
+    denoiser_config: dict[str, Any]
     vae_params: int
     text_encoder_params: int
+    #: the largest text encoder's parameters (loading copies one component at a time)
+    largest_text_encoder: int = 0
     vae_factor: int = 8
     latent_channels: int = 4
-    unet_shapes: list[tuple[int, ...]] = field(default_factory=list)
-    #: shapes of the null-text UNet's trainable parameters (cross-attention removed, E_l added)
+    denoiser_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    denoiser_buffers: int = 0
+    #: shapes of the domain model's trainable parameters (SD1.5/SDXL: cross-attention removed,
+    #: E_l added; SD3: the transformer plus its learned context)
     domain_shapes: list[tuple[int, ...]] = field(default_factory=list)
     #: activation_bytes results by their arguments (a plan asks for the same ones many times)
     activation_cache: dict[tuple, int] = field(default_factory=dict, repr=False)
 
     @property
-    def unet_params(self) -> int:
-        return sum(math.prod(s) for s in self.unet_shapes)
+    def denoiser_params(self) -> int:
+        return sum(math.prod(s) for s in self.denoiser_shapes)
+
+    @property
+    def denoiser_values(self) -> int:
+        """Parameters and buffers: the values one copy of the denoiser holds."""
+        return self.denoiser_params + self.denoiser_buffers
 
     @property
     def domain_params(self) -> int:
         return sum(math.prod(s) for s in self.domain_shapes)
-
-
-def _meta_unet(config: dict[str, Any]) -> nn.Module:
-    from diffusers import UNet2DConditionModel
-
-    clean = {k: v for k, v in config.items() if not k.startswith("_")}
-    with torch.device("meta"):
-        return UNet2DConditionModel(**clean)
-
-
-def _domain_shapes(unet: nn.Module) -> list[tuple[int, ...]]:
-    """The null-text UNet's parameters: the UNet's minus attn2/norm2, plus one ``E_l`` per block
-    (its width: the block's hidden size); for a text_time UNet the pooled-text input becomes a
-    fixed learned vector of the same width."""
-    from idgen.models.null_text_unet import removed_prefixes, transformer_blocks
-
-    removed = removed_prefixes(unet)
-    shapes = [tuple(p.shape) for n, p in unet.named_parameters() if not n.startswith(removed)]
-    shapes += [(b.norm1.normalized_shape[0],) for _, b in transformer_blocks(unet)]
-    if unet.config.get("addition_embed_type") == TEXT_TIME:
-        pooled = unet.config.projection_class_embeddings_input_dim
-        shapes.append((pooled - 6 * unet.config.addition_time_embed_dim,))
-    return shapes
 
 
 def _count(module: nn.Module) -> int:
@@ -93,55 +86,68 @@ def _meta_params(kind: str, config: dict[str, Any]) -> int:
         return _count(cls(text_config))
 
 
-def _finish(family: str, unet_config: dict, vae_config: dict, text_params: int, vae_params: int):
-    unet = _meta_unet(unet_config)
+def _finish(
+    family: str, denoiser_config: dict, vae_config: dict, text: list[int], vae_params: int
+) -> ModelSizes:
+    spec = FAMILIES[family]
+    with torch.device("meta"):
+        denoiser = spec.denoiser_from_config(denoiser_config)
     return ModelSizes(
         family=family,
-        unet_config=dict(unet.config),
+        denoiser_config=dict(denoiser.config),
         vae_params=vae_params,
-        text_encoder_params=text_params,
+        text_encoder_params=sum(text),
+        largest_text_encoder=max(text, default=0),
         vae_factor=2 ** (len(vae_config.get("block_out_channels", (0,) * 4)) - 1),
         latent_channels=int(vae_config.get("latent_channels", 4)),
-        unet_shapes=[tuple(p.shape) for p in unet.parameters()],
-        domain_shapes=_domain_shapes(unet),
+        denoiser_shapes=[tuple(p.shape) for p in denoiser.parameters()],
+        denoiser_buffers=sum(b.numel() for b in denoiser.buffers()),
+        domain_shapes=spec.domain_shapes(denoiser),
     )
 
 
-def sizes_from_layout(family: str) -> ModelSizes:
-    """A family's true size from :data:`~idgen.models.layouts.TRUE_SIZE` (``sd15``, ``sdxl``)."""
-    if family not in TRUE_SIZE:
-        raise KeyError(f"no true-size layout for family {family!r}; known: {sorted(TRUE_SIZE)}")
-    layout = TRUE_SIZE[family]
-    text = sum(_meta_params(kind, cfg) for kind, cfg in layout["text_encoders"])
+def sizes_from_layout(name: str) -> ModelSizes:
+    """A base model's true size from :data:`~idgen.models.layouts.TRUE_SIZE` (``sd15``,
+    ``sdxl``, ``sd3_medium``, ``sd35_medium``, ``sd35_large``)."""
+    if name not in TRUE_SIZE:
+        raise KeyError(f"no true-size layout {name!r}; known: {sorted(TRUE_SIZE)}")
+    layout = TRUE_SIZE[name]
+    text = [_meta_params(kind, cfg) for kind, cfg in layout["text_encoders"]]
     vae = _meta_params("vae", layout["vae"])
-    return _finish(family, layout["denoiser"], layout["vae"], text, vae)
+    return _finish(layout["family"], layout["denoiser"], layout["vae"], text, vae)
 
 
-def sizes_from_folder(folder: str | Path, family: str = "sd15") -> ModelSizes:
-    """Sizes from a diffusers folder's ``unet``/``vae``/``text_encoder*`` ``config.json`` files."""
+def sizes_from_folder(folder: str | Path, family: str | None = None) -> ModelSizes:
+    """Sizes from a diffusers folder's ``config.json`` files: the denoiser's (``unet`` or
+    ``transformer``), the VAE's and each ``text_encoder*`` the folder has (SD3 without T5:
+    two). ``family``: the folder's family, read from its ``model_index.json`` when not given."""
     folder = Path(folder)
+    spec = FAMILIES[family] if family is not None else family_of(folder)
 
     def config(sub: str) -> dict[str, Any]:
         return json.loads((folder / sub / "config.json").read_text())
 
     vae_config = config("vae")
-    text = 0
+    text = []
     for sub in sorted(p.name for p in folder.glob("text_encoder*") if p.is_dir()):
         cfg = config(sub)
         kind = (cfg.get("architectures") or ["CLIPTextModel"])[0]
         keep = {k: v for k, v in cfg.items() if not k.startswith("_") and k != "architectures"}
-        text += _meta_params(kind, keep)
-    return _finish(family, config("unet"), vae_config, text, _meta_params("vae", vae_config))
+        text.append(_meta_params(kind, keep))
+    denoiser = config(spec.denoiser_name)
+    return _finish(spec.name, denoiser, vae_config, text, _meta_params("vae", vae_config))
 
 
-def sizes_from_pipeline(pipe: Any, family: str = "sd15") -> ModelSizes:
-    """Sizes of a built pipeline (e.g. the tiny model)."""
-    text = sum(
+def sizes_from_pipeline(pipe: Any) -> ModelSizes:
+    """Sizes of a built pipeline (e.g. a tiny model), of the family it is."""
+    spec = family_of(pipe)
+    text = [
         _count(m)
         for name, m in pipe.components.items()
         if name.startswith("text_encoder") and isinstance(m, nn.Module)
-    )
-    return _finish(family, dict(pipe.unet.config), dict(pipe.vae.config), text, _count(pipe.vae))
+    ]
+    denoiser = dict(spec.denoiser(pipe).config)
+    return _finish(spec.name, denoiser, dict(pipe.vae.config), text, _count(pipe.vae))
 
 
 # ------------------------------------------------------------------------------- activations
@@ -164,9 +170,9 @@ def activation_bytes(
     """Bytes autograd keeps for the backward pass of one training step, found by running the
     forward pass on fake tensors (shapes only) and summing the storages it saves.
 
-    ``stage="finetune"``: every UNet weight trains (what the null-text UNet saves; its removed
-    cross-attention makes it save slightly less). ``stage="inversion"``: only the text features
-    train, the UNet is frozen in ``frozen_dtype``. With ``checkpointing`` the saved inputs of
+    ``stage="finetune"``: the domain model trains in float32 (the family's
+    :meth:`~idgen.models.family.ModelFamily.plan_step` says what it runs). ``stage="inversion"``:
+    only the text features train, the denoiser is frozen in ``frozen_dtype``. With ``checkpointing`` the saved inputs of
     the checkpointed blocks plus the largest block's own activations (recomputed one at a
     time in the backward pass).
     """
@@ -190,36 +196,22 @@ def _activation_bytes(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     latent = resolution // sizes.vae_factor
-    config = sizes.unet_config
-    # Small models (the tiny test model) run for real: faster than fake tensors' dispatch.
-    mode = FakeTensorMode() if sizes.unet_params > SMALL_MODEL else contextlib.nullcontext()
+    train = stage == "finetune"
+    # Small models (the tiny test models) run for real: faster than fake tensors' dispatch.
+    mode = FakeTensorMode() if sizes.denoiser_params > SMALL_MODEL else contextlib.nullcontext()
     with mode, torch.random.fork_rng(devices=[]):
-        train_unet = stage == "finetune"
-        null_text = train_unet and config.get("addition_embed_type") != TEXT_TIME
         previous = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float32 if train_unet else frozen_dtype)
-        try:  # (fake tensors cannot change dtype after the fact)
-            model = _fake_model(config, null_text)
+        # the trained network is float32 whatever the frozen parts are (fake tensors cannot
+        # change dtype after the fact: the model and its inputs are made in this dtype)
+        torch.set_default_dtype(torch.float32 if train else frozen_dtype)
+        try:
+            model, blocks, forward = FAMILIES[sizes.family].plan_step(
+                sizes.denoiser_config, batch, latent, train
+            )
         finally:
             torch.set_default_dtype(previous)
-        unet = model.unet if null_text else model
-        model.requires_grad_(train_unet)
+        model.requires_grad_(train)
         params = {_storage_key(p) for p in model.parameters()}
-        dtype = torch.float32 if train_unet else frozen_dtype
-        sample = torch.randn(batch, sizes.latent_channels, latent, latent, dtype=dtype)
-        context = torch.randn(batch, 77, config["cross_attention_dim"], dtype=dtype)
-        context.requires_grad_(not train_unet)
-        added = None
-        if config.get("addition_embed_type") == TEXT_TIME:
-            pooled = (
-                config["projection_class_embeddings_input_dim"]
-                - 6 * config["addition_time_embed_dim"]
-            )
-            added = {
-                "text_embeds": torch.randn(batch, pooled, dtype=dtype),
-                "time_ids": torch.randn(batch, 6, dtype=dtype),
-            }
-        timestep = torch.full((batch,), 500)
 
         def run() -> tuple[int, int]:
             saved: dict[int, int] = {}
@@ -237,7 +229,6 @@ def _activation_bytes(
             def after(*_):
                 per_block[-1] += sum(saved.values())
 
-            blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
             handles = [b.register_forward_pre_hook(before) for b in blocks]
             handles += [b.register_forward_hook(after) for b in blocks]
             auto = (
@@ -247,32 +238,16 @@ def _activation_bytes(
             )
             try:
                 with auto, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                    if null_text:
-                        out = model(sample, timestep)
-                    else:
-                        out = model(
-                            sample, timestep, encoder_hidden_states=context, added_cond_kwargs=added
-                        )
-                    total = sum(saved.values()) + out.sample.untyped_storage().nbytes()
+                    out = forward()
+                    total = sum(saved.values()) + out.untyped_storage().nbytes()
             finally:
                 for h in handles:
                     h.remove()
             return total, max(per_block, default=0)
 
         plain, largest_block = run()
-        if not checkpointing or not train_unet:
+        if not checkpointing or not train:
             return int(plain)
         model.enable_gradient_checkpointing()
         kept, _ = run()
         return int(kept + largest_block)
-
-
-def _fake_model(config: dict[str, Any], null_text: bool) -> nn.Module:
-    """The UNet (or its null-text version) built under the active fake mode (its init runs on
-    fake tensors, so it takes no memory), or for real when no fake mode is active."""
-    from diffusers import UNet2DConditionModel
-
-    from idgen.models.null_text_unet import NullTextUNet
-
-    clean = {k: v for k, v in config.items() if not k.startswith("_")}
-    return NullTextUNet(unet_config=clean) if null_text else UNet2DConditionModel(**clean)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from diffusers import (
     ControlNetModel,
+    SD3Transformer2DModel,
     StableDiffusion3Img2ImgPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionControlNetPipeline,
@@ -27,10 +28,13 @@ from diffusers import (
     StableDiffusionXLControlNetPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
+    UNet2DConditionModel,
 )
+from torch import nn
 
+from idgen.models.layouts import SD3_CONTEXT_LENGTH
 from idgen.models.null_text_transformer import NullTextSD3Transformer
-from idgen.models.null_text_unet import NullTextUNet
+from idgen.models.null_text_unet import NullTextUNet, removed_prefixes, transformer_blocks
 from idgen.models.text import encode_text
 from idgen.models.tiny import build_tiny_sd
 from idgen.models.tiny_sd3 import build_tiny_sd3
@@ -72,6 +76,8 @@ class ModelFamily:
     #: placeholder token, ``"baseline_sampling"``: ``baseline_model=`` at sampling,
     #: ``"baseline_rectify"``: its rectified mode, ``"controlnet"``, ``"sds"``: idgen-3d)
     features: frozenset[str] = frozenset()
+    #: the denoiser's diffusers class (built from its ``config.json``)
+    denoiser_class: type = UNet2DConditionModel
 
     def require(self, feature: str, key: str, value: Any) -> None:
         """Raise :class:`FamilyError` (one line, naming ``key=value``) when idgen does not
@@ -127,6 +133,56 @@ class ModelFamily:
         """What a trained result records about its base beyond its name (SD3: whether T5 was
         there), so that sampling can refuse a base that lacks it."""
         return {}
+
+    # --- the memory plan (idgen.memory.sizes builds these on meta / fake tensors) -------------
+    def denoiser_from_config(self, config: dict[str, Any]) -> nn.Module:
+        """The denoiser built from its ``config.json`` on the active device (or fake mode)."""
+        return self.denoiser_class(**{k: v for k, v in dict(config).items() if k[0] != "_"})
+
+    def domain_shapes(self, denoiser: nn.Module) -> list[tuple[int, ...]]:
+        """Shapes of the null-text domain model's trained parameters, from the denoiser's: the
+        UNet's minus attn2/norm2, plus one ``E_l`` per block (its width: the block's hidden
+        size); an SDXL-style UNet's pooled-text input becomes a learned vector of its width."""
+        removed = removed_prefixes(denoiser)
+        shapes = [
+            tuple(p.shape) for n, p in denoiser.named_parameters() if not n.startswith(removed)
+        ]
+        shapes += [(b.norm1.normalized_shape[0],) for _, b in transformer_blocks(denoiser)]
+        if self.addition_embed_type is not None:
+            config = denoiser.config
+            shapes.append(
+                (config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim,)
+            )
+        return shapes
+
+    def plan_step(
+        self, config: dict[str, Any], batch: int, latent: int, train: bool
+    ) -> tuple[nn.Module, list[nn.Module], Callable[[], torch.Tensor]]:
+        """What one training step runs, for the plan's activation count: the network (built on
+        the active fake mode in the default dtype), its blocks (gradient checkpointing
+        recomputes one at a time) and its forward on random inputs of the step's shape.
+        ``train``: stage 2 (the domain model: SD1.5's null-text UNet; an SDXL UNet is run with
+        its text inputs, a slight overcount); else stage 1 (frozen weights, the text features
+        require grad)."""
+        null_text = train and self.addition_embed_type is None
+        model = (
+            NullTextUNet(unet_config=dict(config))
+            if null_text
+            else self.denoiser_from_config(config)
+        )
+        unet = model.unet if null_text else model
+        c = unet.config
+        sample = torch.randn(batch, c.in_channels, latent, latent)
+        t = torch.full((batch,), 500)
+        blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+        if null_text:
+            return model, blocks, lambda: model(sample, t).sample
+        context = torch.randn(batch, 77, c.cross_attention_dim).requires_grad_(not train)
+        pooled = time_ids = None
+        if self.addition_embed_type is not None:
+            width = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+            pooled, time_ids = torch.randn(batch, width), torch.randn(batch, 6)
+        return model, blocks, lambda: self.predict(model, sample, t, context, pooled, time_ids)
 
     # --- prompts -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -249,6 +305,32 @@ class SD3Family(ModelFamily):
         return NullTextSD3Transformer.from_transformer(
             denoiser, text_features, pooled_features, init=init.get("init") or "value"
         )
+
+    def domain_shapes(self, denoiser):
+        # the whole transformer trains, plus the context sequence and the pooled vector
+        config = denoiser.config
+        return [tuple(p.shape) for p in denoiser.parameters()] + [
+            (SD3_CONTEXT_LENGTH, config.joint_attention_dim),
+            (config.pooled_projection_dim,),
+        ]
+
+    def plan_step(self, config, batch, latent, train):
+        # The domain model is the transformer fed its learned context (NullTextSD3Transformer
+        # keeps the text stream), so both stages run the transformer with the joint tokens;
+        # stage 2's context is one learned row expanded (no per-row storage).
+        model = self.denoiser_from_config(config)
+        c = model.config
+        sample = torch.randn(batch, c.in_channels, latent, latent)
+        t = torch.full((batch,), 500)
+        rows = 1 if train else batch
+        context = torch.randn(rows, SD3_CONTEXT_LENGTH, c.joint_attention_dim)
+        pooled = torch.randn(rows, c.pooled_projection_dim)
+        if not train:
+            context.requires_grad_(True)
+            pooled.requires_grad_(True)
+        context, pooled = context.expand(batch, -1, -1), pooled.expand(batch, -1)
+        blocks = list(model.transformer_blocks)
+        return model, blocks, lambda: self.predict(model, sample, t, context, pooled)
 
     def load_kwargs_for(self, folder):
         # diffusers loads an SD3 folder saved without T5 only when told text_encoder_3=None.
@@ -377,6 +459,7 @@ FAMILIES: dict[str, ModelFamily] = {
         default_resolution=1024,
         build_tiny=build_tiny_sd3,
         denoiser_name="transformer",
+        denoiser_class=SD3Transformer2DModel,
         training_objective="flow_matching",
         # vanilla fine-tuning of the transformer (the toy Table 1's baseline), exported for
         # StableDiffusion3Pipeline and sampled with baseline_model=

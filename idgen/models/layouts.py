@@ -77,16 +77,22 @@ SDXL_TEXT_2: dict[str, Any] = dict(
     projection_dim=1280,
 )
 
-#: family -> its true-size parts: ``denoiser`` (UNet config), ``vae`` (VAE config),
-#: ``text_encoders`` (list of (transformers class name, config)), ``resolution`` (native px).
+#: layout name -> a base model's true-size parts: ``family`` (its
+#: :data:`idgen.models.family.FAMILIES` name), ``hub_id`` (the checkpoint it describes),
+#: ``denoiser`` (UNet or transformer config), ``vae`` (VAE config), ``text_encoders`` (list of
+#: (transformers class name, config)), ``resolution`` (native px). Filled in below the SD3 layouts.
 TRUE_SIZE: dict[str, dict[str, Any]] = {
     "sd15": {
+        "family": "sd15",
+        "hub_id": "stable-diffusion-v1-5/stable-diffusion-v1-5",
         "denoiser": SD15_UNET,
         "vae": SD15_VAE,
         "text_encoders": [("CLIPTextModel", SD15_TEXT)],
         "resolution": 512,
     },
     "sdxl": {
+        "family": "sdxl",
+        "hub_id": "stabilityai/stable-diffusion-xl-base-1.0",
         "denoiser": SDXL_UNET,
         "vae": SDXL_VAE,
         "text_encoders": [
@@ -97,7 +103,7 @@ TRUE_SIZE: dict[str, dict[str, Any]] = {
     },
 }
 
-# --- SD3 / SD3.5 (MMDiT). Not in TRUE_SIZE yet: the memory plan's activation count runs a UNet.
+# --- SD3 / SD3.5 (MMDiT)
 # Parameter counts (meta device, this diffusers); Stability's published sizes also count the
 # position-embedding buffer (pos_embed_max_size^2 x inner width).
 # stabilityai/stable-diffusion-3-medium-diffusers/transformer/config.json: 2,028,328,000
@@ -140,3 +146,49 @@ SD3_VAE: dict[str, Any] = dict(
     use_post_quant_conv=False,
     sample_size=1024,
 )
+# SD3's text encoders: CLIP ViT-L and OpenCLIP ViT-bigG, both with projection (SDXL's two), and
+# T5-XXL's encoder (text_encoder_3/config.json: 4,762,310,656 parameters), which a folder may
+# leave out (diffusers then feeds zero T5 tokens; the plan counts the encoders a folder has).
+SD3_TEXT: dict[str, Any] = dict(SD15_TEXT)
+SD3_TEXT_2: dict[str, Any] = dict(SDXL_TEXT_2)
+SD3_T5: dict[str, Any] = dict(
+    vocab_size=32128,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    feed_forward_proj="gated-gelu",
+)
+#: the joint text tokens an SD3 pipeline feeds its transformer: 77 CLIP tokens + T5's
+#: ``max_sequence_length`` (256, StableDiffusion3Pipeline's default; zeros without T5)
+SD3_CONTEXT_LENGTH = 77 + 256
+_SD3_TEXT_ENCODERS = [
+    ("CLIPTextModelWithProjection", SD3_TEXT),
+    ("CLIPTextModelWithProjection", SD3_TEXT_2),
+    ("T5EncoderModel", SD3_T5),
+]
+for _name, _hub, _denoiser in (
+    ("sd3_medium", "stabilityai/stable-diffusion-3-medium-diffusers", SD3_MEDIUM_TRANSFORMER),
+    ("sd35_medium", "stabilityai/stable-diffusion-3.5-medium", SD35_MEDIUM_TRANSFORMER),
+    ("sd35_large", "stabilityai/stable-diffusion-3.5-large", SD35_LARGE_TRANSFORMER),
+):
+    TRUE_SIZE[_name] = {
+        "family": "sd3",
+        "hub_id": _hub,
+        "denoiser": _denoiser,
+        "vae": SD3_VAE,
+        "text_encoders": list(_SD3_TEXT_ENCODERS),
+        "resolution": 1024,
+    }
+
+
+def layout_name(family: str, pretrained: str | None = None) -> str:
+    """The :data:`TRUE_SIZE` layout of a hub id (``model.pretrained``), else the family's first
+    (``sd15``, ``sdxl``, ``sd3_medium``): what a run on a hub id is planned as, nothing
+    downloaded. Raises ``KeyError`` for a family without a layout."""
+    names = [n for n, layout in TRUE_SIZE.items() if layout["family"] == family]
+    if not names:
+        raise KeyError(f"no true-size layout for family {family!r}")
+    hub = str(pretrained or "").rstrip("/")
+    return next((n for n in names if TRUE_SIZE[n]["hub_id"] == hub), names[0])
