@@ -337,6 +337,7 @@ def model_card(meta: dict) -> str:
     pipeline = meta.get("pipeline", "StableDiffusionPipeline")
     layout = {"sd15": "Stable Diffusion 1.5", "sdxl": "SDXL", "sd3": "SD3"}[family]
     denoiser = "transformer" if "transformer" in p else "unet"
+    denoiser_title = "transformer" if denoiser == "transformer" else "UNet"
     load = "" if family == "sd15" else f", family='{family}'"
     shift = meta.get("shift_factor")
     latent = (
@@ -345,7 +346,7 @@ def model_card(meta: dict) -> str:
     )
     encoders = sum(v for k, v in p.items() if k.startswith("text_encoder"))
     vae_line = (
-        f"the VAE of `{r['vae_from']}` (reused), then the"
+        f"The VAE of `{r['vae_from']}` (reused), then the"
         if r.get("vae_from")
         else f"VAE {r['vae_steps']} steps on both worlds (L1+MSE, KL weight {r['kl_weight']}), then"
         " the"
@@ -367,7 +368,7 @@ def model_card(meta: dict) -> str:
         f"like `a red circle`: the caption never names the background) in {layout} layout:",
         f"`idgen.models.load_sd(<this folder>{load})` returns a diffusers `{pipeline}`.",
         f"{meta['resolution']}x{meta['resolution']} images, VAE factor {meta['vae_scale_factor']}"
-        f" ({latent}); parameters: {denoiser} {p[denoiser]:,}, VAE {p['vae']:,}, text"
+        f" ({latent}); parameters: {denoiser_title} {p[denoiser]:,}, VAE {p['vae']:,}, text"
         f" encoder(s) {encoders:,} (random, frozen).",
         "",
         "## Recipe (`idgen/toyworld/pretrain.py`)",
@@ -376,7 +377,7 @@ def model_card(meta: dict) -> str:
         command,
         "```",
         "",
-        f"{vae_line} {denoiser} {r['steps']} steps at batch {r['batch_size']} on open-world images,"
+        f"{vae_line} {denoiser_title} {r['steps']} steps at batch {r['batch_size']} on open-world images,"
         f" lr {r['lr']} (warm-up, cosine), {r['caption_dropout']:.0%} caption dropout, EMA"
         f" {r['ema_decay']}.",
         f"Time on {r['threads']} CPU thread(s): "
