@@ -229,3 +229,23 @@ def _ids(spec, noisy):
     size = torch.tensor([32, 32])
     ids = spec.time_ids(size, torch.zeros(2), size)
     return (None if ids is None else ids.expand(noisy.shape[0], -1),)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_shipped_family_bases_follow_colour_prompts_on_every_background(family):
+    """The SDXL and SD3 toy bases meet the SD1.5 base's bar (same prompts, seeds and metrics)
+    through their own diffusers pipelines: the start point the toy Table 1 rows need."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
+
+    from idgen.toyworld.bases import TOY_BASES
+
+    pipe = load_sd(TOY_BASES[family], family=family)
+    expected = {"sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline}[family]
+    assert type(pipe) is expected and pipe.vae_scale_factor == 4
+    result = evaluate_base(
+        pipe, per_caption=PER_CAPTION, num_inference_steps=STEPS, guidance_scale=2.5, seed=0
+    )
+    assert result["colour_accuracy"] >= 0.9, result
+    assert 0.05 <= result["dark_fraction"] <= 0.3, result
+    assert result["dark_n"] >= 20 and result["dark_colour_accuracy"] >= 0.9, result
