@@ -359,7 +359,7 @@ def model_card(meta: dict) -> str:
     command += (
         f" --vae-from {r['vae_from']}" if r.get("vae_from") else f" --vae-steps {r['vae_steps']}"
     )
-    command += f" --batch-size {r['batch_size']}"
+    command += f" --batch-size {r['batch_size']} --lr {r['lr']:g}"
     lines = [
         f"# idgen toy base ({layout})" if family != "sd15" else "# idgen toy base",
         "",
