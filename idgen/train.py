@@ -337,7 +337,10 @@ def run_finetune(
         logger=loggers or False,
         **_plugins(cfg),
     )
-    log.info("stage 2: null-text UNet fine-tuning from %s", text_features or "the encoded prompt")
+    log.info(
+        "stage 2: null-text fine-tuning of the domain model from %s",
+        text_features or "the encoded prompt",
+    )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if getattr(module, "export_path", None) is not None:
         log.info("domain model: %s", module.export_path)
