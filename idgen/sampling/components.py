@@ -82,7 +82,6 @@ def load_components(
     out = SamplingComponents(base=sd)
     if baseline_model:
         from idgen.baselines import load_baseline_pipeline
-
         from idgen.models.family import family_of
 
         family = family_of(sd)
