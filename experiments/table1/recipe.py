@@ -26,7 +26,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from idgen.toyworld.job import budget, common_overrides, compose_run, training_overrides
+from idgen.toyworld.job import (
+    budget,
+    common_overrides,
+    compose_run,
+    model_overrides,
+    training_overrides,
+)
 
 log = logging.getLogger("table1")
 
@@ -56,12 +62,6 @@ class Trained:
     budget: dict | None = None
 
 
-def base_overrides(args: argparse.Namespace) -> list[str]:
-    """``model.pretrained=<--base>`` when another toy base than the shipped one is asked for."""
-    base = getattr(args, "base", None)
-    return [] if base is None else [f"model.pretrained={Path(base).resolve()}"]
-
-
 # --- training -----------------------------------------------------------------------------------
 def train(args: argparse.Namespace, name: str) -> Trained:
     """``idgen-train experiment=<row's experiment>`` into ``<out>/<name>``; skipped when exported."""
@@ -71,7 +71,7 @@ def train(args: argparse.Namespace, name: str) -> Trained:
     if experiment is None:
         return Trained(name, None, 0)
     run_dir = args.out.resolve() / name
-    overrides = training_overrides(args, experiment) + base_overrides(args)
+    overrides = training_overrides(args, experiment)  # the toy base (or --base) included
     if name == "ours" and args.inversion_steps is not None:
         overrides.append(f"inversion_steps={args.inversion_steps}")
     cfg = compose_run("train", run_dir, overrides)
@@ -126,13 +126,12 @@ def sampler_overrides(args: argparse.Namespace, trained: Trained, spatial: bool)
     """Which models and guidance a row samples with (the same weights for every row)."""
     sampler = "controlnet_toyworld" if spatial else "cfg"
     overrides = [
-        "model=toyworld",
+        *model_overrides(args),  # the SD1.5 toy base, or --base
         f"sampler={'decoupled' if trained.name == 'ours' and not spatial else sampler}",
         "sampler.weights=fixed",
         f"sampler.w_c={args.w_c}",
         f"sampler.w_d={args.w_d if trained.name == 'ours' else 0.0}",
         f"sampler.num_inference_steps={args.sample_steps}",
-        *base_overrides(args),
     ]
     if args.controlnet is not None and spatial:
         overrides.append(f"sampler.controlnet={Path(args.controlnet).resolve()}")

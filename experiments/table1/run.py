@@ -87,6 +87,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.lr = None  # each method keeps its experiment's learning rate (job.training_overrides)
+    args.family = "sd15"  # Table 1's baselines and ControlNet row are SD1.5's (job.model_overrides)
     for name in ("domain_samples", "images_per_prompt", "conditions", "per_condition"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

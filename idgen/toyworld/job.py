@@ -67,7 +67,7 @@ def model_overrides(args: argparse.Namespace) -> list[str]:
     """The family's toy base (``--family``), or the folder ``--base`` names instead."""
     overrides = [f"model={TOY_MODELS[args.family]}"]
     if args.base is not None:
-        overrides.append(f"model.pretrained={args.base.resolve()}")
+        overrides.append(f"model.pretrained={Path(args.base).resolve()}")
     return overrides
 
 
