@@ -187,29 +187,3 @@ def test_job_ours_dominates_fine_tuning(job_run):
     assert finetune["dark_fraction"] >= MIN_DARK and ours["dark_fraction"] >= MIN_DARK
     assert ours["colour_accuracy"] >= OURS_MIN_COLOUR
     assert ours["colour_accuracy"] - finetune["colour_accuracy"] >= MIN_COLOUR_MARGIN
-
-
-@pytest.mark.parametrize("family", ["sdxl", "sd3"])
-def test_job_runs_on_each_familys_toy_base(tmp_path, family):
-    """``python -m idgen.toyworld.job --family sdxl|sd3`` (``make table1-sdxl`` / ``table1-sd3``)
-    at a tiny budget: every stage runs on the family's shipped toy base through the same CLIs,
-    and the table says which base it was. The full-budget rows are the README's (a recipe, not
-    a test: minutes of CPU per family)."""
-    from idgen.toyworld.bases import TOY_BASES
-
-    out = tmp_path / family
-    argv = ["--family", family, "--out", str(out), "--steps", "2", "--inversion-steps", "1"]
-    argv += ["--images-per-prompt", "2", "--prompts", "a red circle", "a blue square"]
-    results = run(parse_args([*argv, "--sample-steps", "2", "--jobs", "1"]))
-    assert set(results["rows"]) == {"base", "finetune", "ours", "ours_auto"}
-    assert all(m["num_samples"] == 4 for m in results["rows"].values())
-    assert results["settings"]["family"] == family
-    title = {"sdxl": "SDXL", "sd3": "SD3"}[family]
-    assert f"# Toy world ({title} toy base)" in (out / "results.md").read_text()
-    # ours' domain model and the baseline were made from that family's base
-    train_cfg = (out / "ours" / "config.yaml").read_text()
-    assert str(TOY_BASES[family].name) in train_cfg and f"family: {family}" in train_cfg
-    export = out / "finetune" / "baseline_model"
-    denoiser = "transformer" if family == "sd3" else "unet"
-    assert json.loads((export / "idgen_baseline.json").read_text())["family"] == family
-    assert (export / denoiser / "config.json").is_file()
