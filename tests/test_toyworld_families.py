@@ -63,11 +63,11 @@ def test_recipe_trains_by_the_family_objective_and_unconditional_input(family):
     SD3: flow-matching 1000 * sigma) and, for dropped captions, the family's unconditional input
     (SDXL: zeros, as force_zeros_for_empty_prompt samples; else the encoding of "")."""
     from idgen.models.family import family_named
-    from idgen.toyworld.bases import build_vae, toy_pipeline, vae_latent_channels
+    from idgen.toyworld.bases import build_vae, toy_pipeline
     from idgen.toyworld.pretrain import TrainingRecipe, train_noise_prediction
 
     spec = family_named(family)
-    pipe = toy_pipeline(family, 0, build_vae(vae_latent_channels(family)))
+    pipe = toy_pipeline(family, 0, build_vae(family))
     seen = []
 
     def predict(noisy, t, context, pooled, specs):

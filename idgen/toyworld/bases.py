@@ -23,23 +23,14 @@ from typing import Any
 
 from diffusers import (
     AutoencoderKL,
-    EulerDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    PNDMScheduler,
-    SD3Transformer2DModel,
-    UNet2DConditionModel,
 )
 
 from idgen.models.family import family_named
-from idgen.models.loading import sd_pipeline
-from idgen.models.tiny import SD15_SCHEDULER_JSON, TINY_UNET
-from idgen.models.tiny_sd3 import SD3_SCHEDULER_JSON, SD3_VAE_LAYOUT, sd3_pipeline
+from idgen.models.tiny import TINY_UNET
 from idgen.models.tiny_sdxl import (
-    SDXL_SCHEDULER_JSON,
     SDXL_UNET_LAYOUT,
     TINY_TEXT_DIM,
     TINY_TIME_EMBED_DIM,
-    sdxl_pipeline,
 )
 
 RESOLUTION = 32
@@ -51,6 +42,8 @@ TOY_BASES: dict[str, Path] = {
     "sd3": _HERE / "base_sd3",
 }
 
+#: SD1.5's toy UNet: the tiny preset's geometry on 8x8 latents (its text width, 32)
+TOY_SD15_UNET = dict(TINY_UNET, sample_size=RESOLUTION // 4, cross_attention_dim=32)
 #: SDXL's toy UNet: SDXL's three levels (no attention in the first, more transformer layers
 #: deeper) on 8x8 latents, 3.5M parameters (SD1.5's toy UNet: 1.6M)
 TOY_SDXL_UNET = dict(
@@ -81,66 +74,62 @@ TOY_SD3_TRANSFORMER = dict(
     pos_embed_max_size=16,
 )
 
+#: each family's toy denoiser geometry (the class is the family's tiny preset's)
+TOY_DENOISERS: dict[str, dict[str, Any]] = {
+    "sd15": TOY_SD15_UNET,
+    "sdxl": TOY_SDXL_UNET,
+    "sd3": TOY_SD3_TRANSFORMER,
+}
 
-def build_vae(latent_channels: int = 4) -> AutoencoderKL:
-    """The toy VAE: 3 levels (factor 4), ``latent_channels`` (SD3: 16, no quant convs)."""
-    sd3 = latent_channels == SD3_VAE_LAYOUT["latent_channels"]
+
+def _tiny_vae_config(family: str) -> Any:
+    """The family's tiny preset's VAE config: its latent channels, quant convs and shift."""
+    return family_named(family).build_tiny(seed=0).vae.config
+
+
+def vae_latent_channels(family: str) -> int:
+    """Latent channels of ``family``'s VAE (4; SD3: 16), as its tiny preset has them."""
+    return _tiny_vae_config(family).latent_channels
+
+
+def build_vae(family: str = "sd15") -> AutoencoderKL:
+    """The toy VAE of ``family``: 3 levels (factor 4) with the family's latent channels, quant
+    convs and (SD3) latent shift, read from its tiny preset; the shift is calibrated after
+    training."""
+    ref = _tiny_vae_config(family)
+    shift = getattr(ref, "shift_factor", None)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         block_out_channels=(16, 32, 32),
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=latent_channels,
+        latent_channels=ref.latent_channels,
         layers_per_block=1,
         norm_num_groups=8,
         sample_size=RESOLUTION,
-        use_quant_conv=not sd3,
-        use_post_quant_conv=not sd3,
-        shift_factor=0.0 if sd3 else None,  # SD3's latent shift, calibrated after training
+        use_quant_conv=ref.use_quant_conv,
+        use_post_quant_conv=ref.use_post_quant_conv,
+        shift_factor=None if shift is None else 0.0,
     )
-
-
-def vae_latent_channels(family: str) -> int:
-    return SD3_VAE_LAYOUT["latent_channels"] if family == "sd3" else 4
 
 
 def toy_pipeline(family: str, seed: int, vae: AutoencoderKL) -> Any:
     """A fresh toy base of ``family`` (its diffusers txt2img pipeline) around ``vae``: the
-    tiny preset's frozen text encoders and tokenizers, a fresh denoiser, the family's
-    scheduler. Deterministic for ``seed``."""
+    tiny preset's frozen text encoders, tokenizers and scheduler (the family's real scheduler
+    config), and a fresh denoiser of the preset's class in ``TOY_DENOISERS[family]``'s
+    geometry. Deterministic for ``seed``."""
+    if family not in TOY_DENOISERS:
+        raise ValueError(f"no toy base recipe for model family {family!r}; use {sorted(TOY_BASES)}")
     spec = family_named(family)
     tiny = spec.build_tiny(seed=seed)
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         encoder = getattr(tiny, name, None)
         if encoder is not None:
             encoder.requires_grad_(False).eval()
-    if family == "sd15":
-        unet = UNet2DConditionModel(
-            **{**TINY_UNET, "sample_size": RESOLUTION // 4},
-            cross_attention_dim=tiny.text_encoder.config.hidden_size,
-        )
-        scheduler = PNDMScheduler.from_config(SD15_SCHEDULER_JSON)  # clip_sample included
-        return sd_pipeline(vae, tiny.text_encoder, tiny.tokenizer, unet, scheduler)
-    if family == "sdxl":
-        unet = UNet2DConditionModel(**TOY_SDXL_UNET)
-        return sdxl_pipeline(
-            vae,
-            tiny.text_encoder,
-            tiny.text_encoder_2,
-            tiny.tokenizer,
-            tiny.tokenizer_2,
-            unet,
-            EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_JSON),
-        )
-    if family == "sd3":
-        return sd3_pipeline(
-            SD3Transformer2DModel(**TOY_SD3_TRANSFORMER),
-            FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_JSON),
-            vae,
-            tiny.text_encoder,
-            tiny.tokenizer,
-            tiny.text_encoder_2,
-            tiny.tokenizer_2,
-        )
-    raise ValueError(f"no toy base recipe for model family {family!r}; use {sorted(TOY_BASES)}")
+    denoiser = type(spec.denoiser(tiny))(**TOY_DENOISERS[family])
+    # the family's own loading options (no safety checker, no watermark), as load_sd applies
+    parts = {"vae": vae, spec.denoiser_name: denoiser, **dict(spec.load_kwargs)}
+    pipe = spec.txt2img.from_pipe(tiny, **parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -420,7 +420,7 @@ def _build_or_reuse_vae(recipe: Recipe) -> AutoencoderKL:
     """A fresh toy VAE for the family, or ``recipe.vae_from``'s trained one."""
     channels = vae_latent_channels(recipe.family)
     if not recipe.vae_from:
-        return build_vae(channels)
+        return build_vae(recipe.family)
     vae = AutoencoderKL.from_pretrained(Path(recipe.vae_from) / "vae")
     if vae.config.latent_channels != channels:
         raise ValueError(
